@@ -1,0 +1,187 @@
+"""The run configuration: YAML validated by pydantic, with ``--set dotted.key=value`` overrides.
+
+Stage parameters are validated by each stage's own ``Params`` model when the plan is built
+(``pipeline.plan.build_stages``), so a typo anywhere stops the run before any row moves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the CLI prints it as one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(Strict):
+    """How Ray runs a stage: an actor pool of ``concurrency`` actors, each with these resources."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class StageConfig(Strict):
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources | None = None       # None: the execution defaults
+
+
+class EncoderConfig(Strict):
+    enabled: bool = True
+    encoder: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources | None = None
+
+
+class HttpConfig(Strict):
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_redirects: int = Field(5, ge=0)
+    concurrency: int = Field(16, ge=1)
+    user_agent: str = "mmpipe/0.1 (+https://github.com/mmpipe)"
+
+
+class SourceConfig(Strict):
+    path: str = ""                                    # manifest file, folder, or .tar shards (glob ok)
+    kind: Literal["auto", "manifest", "folder", "webdataset"] = "auto"
+    roots: list[str] = Field(default_factory=list)    # extra folders media paths may resolve into
+    http: HttpConfig = Field(default_factory=HttpConfig)
+
+
+class SplitConfig(Strict):
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("split fractions must sum to 1")
+        return self
+
+
+class ExecutionConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    concurrency: int | None = Field(None, ge=1)   # actors per CPU stage group; None = CPUs available
+    fuse: bool = True             # run consecutive stages with equal resources in one actor pool
+    shard_max_count: int = Field(1000, ge=1)
+
+
+class RayConfig(Strict):
+    address: str | None = None            # None: RAY_ADDRESS or an in-process Ray
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    metrics_export_port: int | None = None
+
+
+class PipelineStages(Strict):
+    cleanup: dict[str, StageConfig] = Field(default_factory=dict)     # text / image / audio
+    dedup: StageConfig = Field(default_factory=StageConfig)
+    augment: dict[str, StageConfig] = Field(default_factory=dict)     # copies / image / text / audio
+    features: dict[str, EncoderConfig] = Field(default_factory=dict)  # image / text / audio
+
+
+class TrainingConfig(Strict):
+    fusion: str = "concat"
+    modalities: list[str] = Field(default_factory=lambda: ["image", "text", "audio"])
+    name: str | None = None
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    hidden: int = Field(128, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    modality_dropout: float = Field(0.15, ge=0, lt=1)
+    class_weights: bool = True
+    patience: int = Field(8, ge=1)
+    use_augmented: bool = True
+    seed: int = 0
+    max_failures: int = Field(2, ge=0)
+    extra: dict[str, Any] = Field(default_factory=dict)   # fusion-specific knobs
+
+
+class Config(Strict):
+    name: str = "mmpipe"
+    seed: int = 0
+    store: str = "store"
+    bad_modality: Literal["reject_sample", "drop_modality"] = "reject_sample"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    stages: PipelineStages = Field(default_factory=PipelineStages)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_dotted(data, key, _parse_value(value))
+    return data
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'"
+    return f"bad config value at '{where}': {err['msg']}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), values: dict[str, Any] | None = None) -> Config:
+    """Read, override and validate a config; raise ConfigError with a one-line cause.
+
+    ``overrides`` are ``--set`` strings; ``values`` are typed dotted keys from CLI options."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {p} must be a YAML mapping")
+    data = apply_overrides(data, list(overrides))
+    for key, value in (values or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc)) from None

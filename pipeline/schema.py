@@ -1,0 +1,50 @@
+"""Row layouts: the batch that flows between stages, and the stored tables (public contract)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from stages.base import MODALITIES
+
+# Columns of the in-flight batch. Media columns hold raw bytes after ingest, cleaned media after
+# cleanup (image: encoded jpg/png bytes, audio: FLAC bytes, text: str); None where absent.
+BATCH_STR_COLUMNS = (
+    "id", "label", "split", "image_ref", "audio_ref",
+    "sha_image", "sha_text", "sha_audio", "sha_sample",
+    "redo", "reject_stage", "reject_reason", "reject_detail", "meta", "dropped", "aug_params",
+)
+MEDIA_COLUMNS = MODALITIES  # image, text, audio
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("aug", pa.int32()),
+        ("has_image", pa.bool_()),
+        ("has_text", pa.bool_()),
+        ("has_audio", pa.bool_()),
+    ]
+    + [(f"{m}_emb", pa.list_(pa.float32())) for m in MODALITIES]
+    + [(f"sha_{m}", pa.string()) for m in (*MODALITIES, "sample")]
+    + [(f"fp_{m}", pa.string()) for m in (*MODALITIES, "sample")]
+    + [
+        ("aug_params", pa.string()),   # JSON: ops and drawn parameters per modality (lineage)
+        ("dropped", pa.string()),      # JSON: modality -> reason, under drop_modality
+        ("meta", pa.string()),         # JSON: what stages measured
+        ("shard", pa.string()),        # samples/ shard holding this row's media
+        ("run_id", pa.string()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("run_id", pa.string()),
+        ("sha_sample", pa.string()),
+        ("fp_all", pa.string()),
+        ("ref", pa.string()),          # where the record came from (paths / urls), for humans
+    ]
+)

@@ -1,0 +1,185 @@
+"""The stage contract: a registered, versioned, parameterised callable over column batches.
+
+A batch is Ray Data's numpy format, ``dict[str, np.ndarray]``, one row per sample. Stages never
+drop rows: a bad row gets ``reject_stage`` / ``reject_reason`` / ``reject_detail`` set and every
+later stage leaves it alone; the runner routes it to the rejects table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+Batch = dict[str, np.ndarray]
+
+# Columns every batch carries (see pipeline/schema.py for the full row layout).
+REJECT_STAGE, REJECT_REASON, REJECT_DETAIL = "reject_stage", "reject_reason", "reject_detail"
+REDO = "redo"          # comma-separated modalities this run (re)computes for the row
+META = "meta"          # JSON object per row: what stages measured (sizes, durations, ...)
+DROPPED = "dropped"    # JSON object per row: modality -> reason, under the drop_modality policy
+
+
+class Reject(Exception):
+    """Raised inside a stage for one row (or one modality of it); becomes a recorded reject."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StageParams(BaseModel):
+    """Base for every stage's parameters: unknown keys are config errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageContext(BaseModel):
+    """Run-wide facts a stage may need; identical on every actor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str = "adhoc"
+    seed: int = 0
+    bad_modality: str = "reject_sample"   # or "drop_modality"
+    store: str = ""                       # store URI, for stages that consult what is stored
+    cache_dir: str = ""                   # where ingest keeps fetched http(s) bodies
+
+
+@dataclass
+class StageStats:
+    """Per-actor counters; the runner sums them over actors (datatrove's stat_update, simplified)."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_in: int = 0
+
+
+def fingerprint_of(name: str, version: int, params: dict[str, Any]) -> str:
+    blob = json.dumps({"name": name, "version": version, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Stage:
+    """One step of the pipeline. Subclasses set ``name``, ``version``, ``modality`` and ``Params``,
+    load what they need once in ``__init__`` and fill in ``process``."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    modality: ClassVar[str | None] = None    # whose lineage this stage affects; None = every modality
+    Params: ClassVar[type[StageParams]] = StageParams
+
+    def __init__(self, params: StageParams | dict | None = None, context: StageContext | None = None):
+        self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
+        self.context = context or StageContext()
+        self.stats = StageStats()
+
+    @classmethod
+    def fingerprint(cls, params: StageParams | dict | None = None) -> str:
+        p = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
+        return fingerprint_of(cls.name, cls.version, p.model_dump(mode="json"))
+
+    def __call__(self, batch: Batch) -> Batch:
+        start = time.perf_counter()
+        n_in = len(next(iter(batch.values()))) if batch else 0
+        out = self.process(batch)
+        self.stats.rows_in += n_in
+        self.stats.rows_out += len(next(iter(out.values()))) if out else 0
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def process(self, batch: Batch) -> Batch:
+        raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def reject(self, batch: Batch, i: int, reason: str, detail: str = "") -> None:
+        batch[REJECT_STAGE][i] = self.name
+        batch[REJECT_REASON][i] = reason
+        batch[REJECT_DETAIL][i] = detail[:500]
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+
+
+def num_rows(batch: Batch) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def live_rows(batch: Batch, modality: str | None = None) -> np.ndarray:
+    """Indices of rows not rejected; with ``modality``, only rows that carry it and redo it."""
+    alive = batch[REJECT_REASON] == ""
+    if modality is not None:
+        redo = np.array([modality in str(r).split(",") for r in batch[REDO]], dtype=bool)
+        present = np.array([v is not None for v in batch[modality]], dtype=bool)
+        alive &= redo & present
+    return np.flatnonzero(alive)
+
+
+def object_column(values: list[Any]) -> np.ndarray:
+    """A 1-D object array (np.array would try to stack equal-length bytes or lists)."""
+    col = np.empty(len(values), dtype=object)
+    col[:] = values
+    return col
+
+
+def update_meta(batch: Batch, i: int, **values: Any) -> None:
+    meta = json.loads(batch[META][i] or "{}")
+    meta.update(values)
+    batch[META][i] = json.dumps(meta, sort_keys=True)
+
+
+@dataclass
+class Cleaned:
+    """What a modality cleaner returns for one value."""
+
+    value: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ModalityCleaner(Stage):
+    """Role base for ``cleanup.<modality>``: fill in ``clean(value) -> Cleaned`` or raise ``Reject``.
+
+    Under the ``drop_modality`` policy a bad modality is removed from the row and recorded in
+    ``dropped``; the row is rejected (``no_modality``) only when nothing is left.
+    """
+
+    def clean(self, value: Any) -> Cleaned:
+        raise NotImplementedError
+
+    def process(self, batch: Batch) -> Batch:
+        m = self.modality
+        assert m is not None
+        values = batch[m]
+        for i in live_rows(batch, m):
+            self.stats.bytes_in += len(values[i]) if isinstance(values[i], (bytes, str)) else 0
+            try:
+                result = self.clean(values[i])
+            except Reject as r:
+                self.bad_modality(batch, i, r.reason, r.detail)
+                continue
+            except Exception as exc:  # a decoder bug on one row must not sink the job: record it
+                self.bad_modality(batch, i, f"{m}_error", f"{type(exc).__name__}: {exc}")
+                continue
+            values[i] = result.value
+            if result.meta:
+                update_meta(batch, i, **{f"{m}_{k}": v for k, v in result.meta.items()})
+        return batch
+
+    def bad_modality(self, batch: Batch, i: int, reason: str, detail: str) -> None:
+        if self.context.bad_modality != "drop_modality":
+            self.reject(batch, i, reason, detail)
+            return
+        m = self.modality
+        batch[m][i] = None
+        dropped = json.loads(batch[DROPPED][i] or "{}")
+        dropped[m] = reason
+        batch[DROPPED][i] = json.dumps(dropped, sort_keys=True)
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        if all(batch[other][i] is None for other in MODALITIES):
+            self.reject(batch, i, "no_modality", f"every modality dropped: {dropped}")

@@ -1,0 +1,59 @@
+"""Registries: adding a stage or an encoder is one class and one decorator line."""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from stages.base import Stage
+
+STAGES: dict[str, type[Stage]] = {}
+T = TypeVar("T", bound=type)
+
+
+def register_stage(cls: T) -> T:
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in STAGES and STAGES[cls.name] is not cls:
+        raise ValueError(f"stage {cls.name!r} registered twice")
+    STAGES[cls.name] = cls
+    return cls
+
+
+def get_stage(name: str) -> type[Stage]:
+    load_builtin()
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}") from None
+
+
+_loaded = False
+
+
+def load_builtin() -> None:
+    """Import the modules that register the built-in stages (kept lazy: heavy imports)."""
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+    import pkgutil
+
+    import stages
+
+    for mod in pkgutil.walk_packages(stages.__path__, "stages."):
+        if mod.name not in ("stages.base", "stages.registry"):
+            importlib.import_module(mod.name)
+    _loaded = True
+
+
+def registry(kind: str) -> tuple[dict[str, T], Callable[[T], T]]:
+    """A named registry for other plug-in kinds (encoders, fusions): returns (table, decorator)."""
+    table: dict[str, T] = {}
+
+    def add(cls: T) -> T:
+        key = getattr(cls, "name")
+        if key in table and table[key] is not cls:
+            raise ValueError(f"{kind} {key!r} registered twice")
+        table[key] = cls
+        return cls
+
+    return table, add
