@@ -83,6 +83,8 @@ class RayConfig(Strict):
     num_cpus: int | None = None
     num_gpus: int | None = None
     metrics_export_port: int | None = None
+    dashboard: bool = True
+    progress_bars: bool = True
 
 
 class PipelineStages(Strict):
@@ -98,6 +100,7 @@ class TrainingConfig(Strict):
     name: str | None = None
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)   # below 1 leaves CPUs to Ray Data on small machines
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -111,6 +114,13 @@ class TrainingConfig(Strict):
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     extra: dict[str, Any] = Field(default_factory=dict)   # fusion-specific knobs
+    engine: Literal["ray", "local"] = "ray"     # local: same epoch loop in-process, no Ray Train
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_frac: float = Field(0.05, ge=0, lt=1)   # linear warm-up share of the cosine schedule
+    grad_clip: float = Field(1.0, ge=0)         # 0: no clipping
+    amp: bool = True                            # bf16 autocast, only ever on GPU
+    eval_batch_size: int = Field(1024, ge=1)
+    features_version: int | None = Field(None, ge=0)   # Delta time travel on the features table
 
 
 class Config(Strict):

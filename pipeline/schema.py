@@ -10,7 +10,7 @@ from stages.base import MODALITIES
 BATCH_STR_COLUMNS = (
     "id", "label", "split", "image_ref", "audio_ref",
     "sha_image", "sha_text", "sha_audio", "sha_sample",
-    "redo", "reject_stage", "reject_reason", "reject_detail", "meta", "dropped", "aug_params",
+    "redo", "reject_stage", "reject_reason", "reject_detail", "meta", "dropped", "aug_params", "dedup_sig",
 )
 MEDIA_COLUMNS = MODALITIES  # image, text, audio
 
@@ -29,6 +29,7 @@ FEATURES_SCHEMA = pa.schema(
     + [(f"fp_{m}", pa.string()) for m in (*MODALITIES, "sample")]
     + [
         ("aug_params", pa.string()),   # JSON: ops and drawn parameters per modality (lineage)
+        ("dedup_sig", pa.string()),    # JSON: near-dup signatures (image phash, text minhash)
         ("dropped", pa.string()),      # JSON: modality -> reason, under drop_modality
         ("meta", pa.string()),         # JSON: what stages measured
         ("shard", pa.string()),        # samples/ shard holding this row's media

@@ -111,13 +111,18 @@ def num_rows(batch: Batch) -> int:
     return len(next(iter(batch.values()))) if batch else 0
 
 
-def live_rows(batch: Batch, modality: str | None = None) -> np.ndarray:
-    """Indices of rows not rejected; with ``modality``, only rows that carry it and redo it."""
-    alive = batch[REJECT_REASON] == ""
+def live_rows(batch: Batch, modality: str | None = None, redo_only: bool = True) -> np.ndarray:
+    """Indices of rows not rejected; with ``modality``, only rows that carry it and (with
+    ``redo_only``) whose features this run recomputes for it.
+
+    Cleanup and augmentation treat every present modality of a processed row (``redo_only=False``)
+    so stored media stay consistent; feature stages skip modalities whose stored features are
+    still valid (incremental reprocessing)."""
+    alive = np.array([r == "" for r in batch[REJECT_REASON]], dtype=bool)
     if modality is not None:
-        redo = np.array([modality in str(r).split(",") for r in batch[REDO]], dtype=bool)
-        present = np.array([v is not None for v in batch[modality]], dtype=bool)
-        alive &= redo & present
+        alive &= np.array([v is not None for v in batch[modality]], dtype=bool)
+        if redo_only:
+            alive &= np.array([modality in str(r).split(",") for r in batch[REDO]], dtype=bool)
     return np.flatnonzero(alive)
 
 
@@ -156,7 +161,7 @@ class ModalityCleaner(Stage):
         m = self.modality
         assert m is not None
         values = batch[m]
-        for i in live_rows(batch, m):
+        for i in live_rows(batch, m, redo_only=False):
             self.stats.bytes_in += len(values[i]) if isinstance(values[i], (bytes, str)) else 0
             try:
                 result = self.clean(values[i])

@@ -19,7 +19,21 @@ def register_stage(cls: T) -> T:
 
 
 def get_stage(name: str) -> type[Stage]:
-    load_builtin()
+    """The stage class registered as ``name``. Imports only its module (``cleanup.image`` ->
+    ``stages.cleanup.image``, else the nearest package) so actors do not load every model library."""
+    import importlib
+
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        if name in STAGES:
+            break
+        try:
+            importlib.import_module("stages." + ".".join(parts[:k]))
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("stages"):
+                raise
+    if name not in STAGES:
+        load_builtin()
     try:
         return STAGES[name]
     except KeyError:

@@ -1,0 +1,54 @@
+# The two commands: `make demo` and `make test`. Both create .venv and install on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-stamp
+# pip prints a warning per package for the machine's file:// index entries; keep the log readable.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+
+.PHONY: install sysdeps demo test test-slow test-cluster test-gpu test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing torch + torchvision (pinned first, so nothing pulls another torch)"
+	@$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1 $(QUIET)
+	@echo "installing mmpipe and its pinned dependencies"
+	@$(PIP) install -q -c constraints.txt -e '.[test]' $(QUIET)
+	@$(MAKE) --no-print-directory sysdeps
+	@touch $(STAMP)
+
+# Optional system data: WordNet for the text augmentation's synonym op (the other ops run without it).
+sysdeps:
+	@if [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian wordnet-base (WordNet for synonym augmentation)"; \
+	  (apt-get install -y -q wordnet-base >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1)) \
+	  || echo "warning: wordnet-base not installed; synonym augmentation will report itself skipped"; \
+	fi
+
+demo: install
+	$(VENV)/bin/mmpipe demo
+
+test: install
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow
+
+test-cluster: install
+	$(VENV)/bin/pytest -q -m cluster
+
+test-gpu: install
+	$(VENV)/bin/pytest -q -m gpu
+
+test-all: install
+	$(VENV)/bin/pytest -q -m ""
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf store data benchmarks/_work .pytest_cache

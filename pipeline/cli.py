@@ -1,0 +1,181 @@
+"""The ``mmpipe`` command line. User errors print one line on stderr and exit 2."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="mmpipe: multimodal data pipeline on Ray (cleanup, dedup, augmentation, features, fusion training).")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.sources import SourceError
+    from pipeline.store import StoreBusy
+
+    return ConfigError, SourceError, StoreBusy
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"mmpipe: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _config(path: Optional[Path], overrides: list[str], **values) -> Config:
+    if path is not None and not path.is_file():
+        _fail(f"config file not found: {path}")
+    return load_config(path, overrides, {k.replace("__", "."): v for k, v in values.items()})
+
+
+SetOpt = typer.Option([], "--set", help="Override a config value: dotted.key=value (repeatable).")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="YAML config"),
+        input: Optional[str] = typer.Option(None, "--input", help="Manifest, folder or shards (source.path)"),
+        store: Optional[str] = typer.Option(None, "--store", help="Store path or URI"),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to run against (or RAY_ADDRESS)"),
+        set_: list[str] = SetOpt) -> None:
+    """Run the pipeline: only what changed since the last run is processed."""
+    from pipeline.report import format_run
+    from pipeline.runner import run as run_pipeline
+
+    cfg = _config(config, set_, source__path=input, store=store, ray__address=address)
+    result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo(format_run(result.record))
+
+
+@app.command()
+def train(config: Path = typer.Argument(...),
+          store: Optional[str] = typer.Option(None, "--store"),
+          fusion: Optional[str] = typer.Option(None, "--fusion", help="concat | late | attention | gated | transformer"),
+          modalities: Optional[str] = typer.Option(None, "--modalities", help="e.g. image,text"),
+          name: Optional[str] = typer.Option(None, "--name", help="Model name (models/<name>/); same name resumes"),
+          compare: bool = typer.Option(False, "--compare", help="Train every fusion and every single modality"),
+          address: Optional[str] = typer.Option(None, "--address"),
+          set_: list[str] = SetOpt) -> None:
+    """Train a fusion classifier with Ray Train from the stored features."""
+    cfg = _config(config, set_, store=store, ray__address=address)
+    from pipeline.execution import init_ray
+
+    init_ray(cfg)
+    if compare:
+        from training.compare import compare as run_compare
+
+        typer.echo(f"comparison written to {run_compare(cfg, cfg.store)}")
+        return
+    from training.train import train as run_train
+
+    mods = [m.strip() for m in modalities.split(",")] if modalities else None
+    result = run_train(cfg, cfg.store, fusion=fusion, modalities=mods, name=name)
+    m = result.metrics
+    typer.echo(f"model: {result.model_dir}\naccuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} "
+               f"fusion={m['fusion']} modalities={','.join(m['modalities'])}")
+
+
+@app.command()
+def predict(config: Path = typer.Argument(...),
+            model: Path = typer.Option(..., "--model", help="models/<name>/ folder"),
+            input: str = typer.Option(..., "--input", help="Manifest of raw records"),
+            out: Path = typer.Option(..., "--out", help="Output file (.csv, .jsonl or .parquet)"),
+            set_: list[str] = SetOpt) -> None:
+    """Run raw records through the same cleanup and feature stages, then the model."""
+    from pipeline.predict import predict_records
+
+    cfg = _config(config, set_, source__path=input)
+    summary = predict_records(cfg, model, out)
+    typer.echo(summary)
+
+
+@app.command()
+def report(store: str = typer.Argument(..., help="Store path or URI"),
+           version: Optional[int] = typer.Option(None, "--version", help="Show the tables at this version")) -> None:
+    """Show a store's tables, their versions and the run history."""
+    from pipeline.report import format_store
+    from pipeline.store import Store
+
+    if "://" not in store and not Path(store).is_dir():
+        _fail(f"store not found: {store}")
+    typer.echo(format_store(Store(store), version))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the demo dataset is written"),
+         store: str = typer.Option("store/demo", "--store"),
+         n: int = typer.Option(300, "--n", help="Number of good records"),
+         config: Optional[Path] = typer.Option(None, "--config", help="Default: configs/demo.yaml"),
+         skip_train: bool = typer.Option(False, "--skip-train"),
+         set_: list[str] = SetOpt) -> None:
+    """Generate the demo dataset, run the pipeline on an in-process Ray, train, and summarise."""
+    from pipeline.demo import make_demo
+    from pipeline.report import format_run
+    from pipeline.runner import run as run_pipeline
+
+    config = config or _default_config("demo.yaml")
+    manifest = make_demo(out, n=n)
+    typer.echo(f"demo data: {manifest}")
+    cfg = _config(config, set_, source__path=str(manifest), store=store)
+    result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True))
+    typer.echo(format_run(result.record))
+    if skip_train:
+        return
+    from training.train import train as run_train
+
+    trained = run_train(cfg, cfg.store)
+    m = trained.metrics
+    typer.echo(f"\ntraining: fusion={m['fusion']} modalities={','.join(m['modalities'])}\n"
+               f"test accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f}")
+    s = result.store
+    typer.echo("\noutputs:\n"
+               f"  features (Delta): {s.features_uri}\n  rejects (Delta):  {s.rejects_uri}\n"
+               f"  samples (WebDataset shards): {s.uri_of('samples', result.run_id)}\n"
+               f"  run record: {s.uri_of('runs', result.run_id + '.json')}\n  model: {trained.model_dir}")
+
+
+def _default_config(name: str) -> Path:
+    for base in (Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"):
+        if (base / name).is_file():
+            return base / name
+    _fail(f"cannot find configs/{name}; pass --config")
+
+
+def _register_jobs() -> None:
+    try:
+        from pipeline.jobs import register
+    except ImportError:
+        return
+    register(app, _config)
+
+
+_register_jobs()
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    errors = _user_errors()
+    try:
+        app(standalone_mode=False)
+    except errors as exc:
+        typer.echo(f"mmpipe: error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("mmpipe: aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""A small demo dataset with real class signal in every modality, made with numpy alone
+(no system packages): coloured textured images, class-vocabulary captions (some as crawled
+HTML), and tone-plus-noise audio; plus the bad rows a crawl always has."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+CLASSES = ("forest", "ocean", "city", "desert")
+_COLOURS = {"forest": (40, 140, 50), "ocean": (30, 80, 190), "city": (120, 120, 130), "desert": (210, 170, 90)}
+_WORDS = {
+    "forest": "trees moss fern pine canopy trail leaves owl branch woodland",
+    "ocean": "waves tide coral reef surf whale salt shore sailing deep",
+    "city": "traffic tower street subway neon crowd office bridge taxi avenue",
+    "desert": "dune sand cactus heat mirage camel dry canyon sun oasis",
+}
+_COMMON = "the a of and with in on at near under over today photo view scene picture some many".split()
+_TONES = {"forest": 330.0, "ocean": 180.0, "city": 660.0, "desert": 990.0}
+SR = 16000
+
+
+def _image(label: str, rng: np.random.Generator, size: int = 96) -> bytes:
+    base = np.array(_COLOURS[label], dtype=np.float32) + rng.normal(0, 25, 3)
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle = {"forest": 0.0, "ocean": np.pi / 2, "city": np.pi / 4, "desert": 3 * np.pi / 4}[label]
+    angle += rng.normal(0, 0.3)
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / rng.uniform(3, 6))
+    img = base[None, None, :] * (0.75 + 0.25 * stripes[..., None]) + rng.normal(0, 12, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _text(label: str, rng: np.random.Generator, html: bool) -> str:
+    # Class words are a minority among shared words, and some come from another class: partial signal.
+    own = rng.choice(_WORDS[label].split(), size=rng.integers(2, 4))
+    other = rng.choice(_WORDS[CLASSES[rng.integers(len(CLASSES))]].split(), size=1)
+    words = list(own) + list(other) + list(rng.choice(_COMMON, size=rng.integers(6, 10)))
+    rng.shuffle(words)
+    sentence = " ".join(words).capitalize() + "."
+    if not html:
+        return sentence
+    return (f"<html><head><title>Photo</title><style>p {{color: red}}</style><script>var x = 1;</script></head>"
+            f"<body><nav><a href='/'>Home</a> | <a href='/about'>About</a></nav>"
+            f"<article><p>{sentence}</p></article><footer>&copy; 2026 example</footer></body></html>")
+
+
+def _audio(label: str, rng: np.random.Generator, seconds: float = 1.0) -> bytes:
+    t = np.arange(int(SR * seconds)) / SR
+    f0 = _TONES[label] * rng.uniform(0.92, 1.08)
+    wave = 0.3 * np.sin(2 * np.pi * f0 * t) + 0.1 * np.sin(2 * np.pi * 2 * f0 * t)
+    wave = wave * np.hanning(len(t)) ** 0.3 + rng.normal(0, rng.uniform(0.03, 0.12), len(t))
+    buf = io.BytesIO()
+    sf.write(buf, wave.astype(np.float32), SR, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def make_demo(out: str | Path, n: int = 300, seed: int = 0) -> Path:
+    """Write ``out/manifest.jsonl`` plus media files; returns the manifest path."""
+    out = Path(out)
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        label = CLASSES[k % len(CLASSES)]
+        row: dict = {"id": f"s{k:05d}", "label": label}
+        missing = rng.choice(["", "image", "text", "audio"], p=[0.7, 0.1, 0.1, 0.1])
+        if missing != "image":
+            (out / "media" / f"{row['id']}.jpg").write_bytes(_image(label, rng))
+            row["image"] = f"media/{row['id']}.jpg"
+        if missing != "text":
+            row["text"] = _text(label, rng, html=rng.random() < 0.3)
+        if missing != "audio":
+            (out / "media" / f"{row['id']}.wav").write_bytes(_audio(label, rng))
+            row["audio"] = f"media/{row['id']}.wav"
+        rows.append(row)
+    rows += _bad_rows(out, rows, rng)
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def _bad_rows(out: Path, good: list[dict], rng: np.random.Generator) -> list[dict]:
+    media = out / "media"
+    jpg = _image("forest", rng)
+    (media / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (media / "garbage.wav").write_bytes(rng.bytes(3000))
+    (media / "blank.png").write_bytes(_png(np.full((96, 96, 3), 200, np.uint8)))
+    silent = io.BytesIO()
+    sf.write(silent, np.zeros(SR, np.float32), SR, format="WAV")
+    (media / "silent.wav").write_bytes(silent.getvalue())
+    first = good[0]
+    return [
+        {"id": "bad-truncated-jpeg", "label": "forest", "image": "media/truncated.jpg", "text": "pine trees"},
+        {"id": "bad-missing-file", "label": "ocean", "image": "media/does-not-exist.jpg"},
+        {"id": "bad-garbage-audio", "label": "city", "audio": "media/garbage.wav"},
+        {"id": "bad-empty-row", "label": "desert"},
+        {"id": "bad-outside-root", "label": "forest", "image": "../../etc/hostname"},
+        {"id": "bad-blank-image", "label": "city", "image": "media/blank.png"},
+        {"id": "bad-silent-audio", "label": "ocean", "audio": "media/silent.wav"},
+        {**{k: v for k, v in first.items() if k != "id"}, "id": "dup-of-" + first["id"]},
+    ]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,185 @@
+"""``mmpipe run``: source -> scan -> plan -> Ray Data processing pass -> sinks -> commits."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import Config
+from pipeline.execution import StageChain, build_dataset, init_ray, iter_output
+from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
+from pipeline.schema import FEATURES_SCHEMA
+from pipeline.sinks import RunSink, SinkResult, rejects_table
+from pipeline.sources import SourceRecord, read_source
+from pipeline.store import Store
+from stages.base import MODALITIES, StageContext
+
+SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
+                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    record: dict
+    store: Store
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cpus: int) -> tuple[list[dict], list]:
+    """Pass 1 on Ray: resolve, fetch and hash every record (small output, no media bytes)."""
+    rows = []
+    for rec in records:
+        d = rec.to_dict()
+        d["text"] = d["text"] or ""
+        d["image"], d["audio"] = d["image"] or "", d["audio"] or ""
+        d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
+        rows.append(d)
+    params = {"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
+    ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [("ingest.scan", params)],
+                                                           "context": context.model_dump(), "group": 0},
+                        compute=ray.data.ActorPoolStrategy(size=max(1, num_cpus)), batch_size=64,
+                        batch_format="numpy", zero_copy_batch=False)
+    out = ds.take_all()
+    stats = [r["_stats_0"] for r in out if r.get("_stats_0")]
+    return [{k: r[k] for k in SCAN_COLUMNS} for r in out], stats
+
+
+def _fill_partial(new: pa.Table, store: Store, partial: set[str]) -> pa.Table:
+    """Rows that recomputed only some modalities take the others from the stored row."""
+    if not partial or new.num_rows == 0:
+        return new
+    old = store.read("features", filter=pc.field("id").isin(list(partial)),
+                     columns=["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES])
+    by_key = {(r["id"], r["aug"]): r for r in old.to_pylist()}
+    rows = new.to_pylist()
+    for r in rows:
+        if not r["keep"]:
+            continue
+        prev = by_key.get((r["id"], r["aug"]))
+        if prev is None:
+            raise RuntimeError(f"stored row {r['id']} aug={r['aug']} vanished during the run")
+        for m in r["keep"].split(","):
+            r[f"has_{m}"], r[f"{m}_emb"] = prev[f"has_{m}"], prev[f"{m}_emb"]
+    return pa.Table.from_pylist(rows, schema=new.schema)
+
+
+def commit(store: Store, plan: Plan, lineage: Lineage, sink: SinkResult, run_id: str, dims: dict) -> dict:
+    """One Delta commit per table: upsert what this run produced, delete what it superseded."""
+    rejects = rejects_table([{k: r.get(k, "") for k in ("id", "sha_sample", "fp_all")} |
+                             {"stage": r["reject_stage"], "reason": r["reject_reason"],
+                              "detail": r["reject_detail"], "run_id": run_id,
+                              "ref": json.dumps({m: r.get(f"{m}_ref") for m in ("image", "audio") if r.get(f"{m}_ref")})}
+                             for r in plan.rejects] + sink.rejects)
+    rejected_ids = set(rejects["id"].to_pylist())
+    schema = FEATURES_SCHEMA.append(pa.field("keep", pa.string()))
+    new = pa.concat_tables([pq.read_table(p) for p in sink.staged]) if sink.staged else schema.empty_table()
+    new = new.filter(pc.invert(pc.is_in(new["id"], pa.array(sorted(rejected_ids), pa.string()))))
+    new = _fill_partial(new, store, plan.partial).drop_columns(["keep"])
+    touched = plan.processed_ids | plan.removed
+    new_keys = set(zip(new["id"].to_pylist(), new["aug"].to_pylist()))
+    stale = [(i, a) for i in touched for a in lineage.keys.get(i, []) if (i, a) not in new_keys]
+    feature_tombs = pa.table({"id": pa.array([k[0] for k in stale], pa.string()),
+                              "aug": pa.array([k[1] for k in stale], pa.int32())})
+    reject_tombs = pa.table({"id": pa.array(sorted(i for i in touched if i in lineage.rejects and i not in rejected_ids), pa.string())})
+    meta = {"mmpipe.dims": json.dumps(dims)}
+    v_features = store.merge("features", new, feature_tombs, run_id, meta)
+    v_rejects = store.merge("rejects", rejects, reject_tombs, run_id)
+    return {"features_version": v_features, "rejects_version": v_rejects,
+            "rows_written": new.num_rows, "run_rejects": Counter(rejects["reason"].to_pylist())}
+
+
+def _stage_table(stats: dict[str, list[float]]) -> dict[str, dict]:
+    return {name: {"rows": int(rows), "seconds": round(secs, 3),
+                   "rows_per_s": round(rows / secs, 1) if secs > 0 else None}
+            for name, (rows, secs) in stats.items()}
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
+    store = Store(cfg.store)
+    run_id = new_run_id()
+    records = read_source(cfg.source)
+    build_stages(cfg)                       # validate every stage before Ray starts
+    started = time.time()
+    with store.lock(run_id):
+        info = init_ray(cfg)
+        if info.get("dashboard_url"):
+            log(f"Ray dashboard: http://{info['dashboard_url']}")
+        specs: list[StageSpec] = build_stages(cfg, info["num_cpus"])
+        fps = fingerprints(cfg, specs)
+        store.recover()
+        context = StageContext(run_id=run_id, seed=cfg.seed, bad_modality=cfg.bad_modality, store=store.uri,
+                               cache_dir=str(store.local_dir("cache", "http")))
+        t0 = time.perf_counter()
+        scanned, scan_stats = scan(records, cfg, context, info["num_cpus"])
+        scan_s = time.perf_counter() - t0
+        lineage = store.lineage()
+        plan = make_plan(scanned, lineage, fps, cfg)
+        log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
+            f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
+        index = _start_dedup(cfg, specs, store, plan, run_id)
+        staging = store.local_dir("_staging", run_id)
+        sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
+        t1 = time.perf_counter()
+        try:
+            if plan.rows:
+                for batch in iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])):
+                    sink.add(batch)
+            result = sink.close()
+            process_s = time.perf_counter() - t1
+            committed = commit(store, plan, lineage, result, run_id, result.dims)
+        finally:
+            if index is not None:
+                ray.kill(index)
+        stats = {"ingest.scan": [len(records), scan_s]} | result.stage_stats
+        record = _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info)
+        store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
+        shutil.rmtree(staging, ignore_errors=True)
+    return RunResult(run_id, record, store)
+
+
+def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str):
+    spec = next((s for s in specs if s.name == "dedup"), None)
+    if spec is None or not plan.rows:
+        return None
+    from stages.dedup import create_index
+
+    existing = store.dedup_signatures(exclude=plan.removed)
+    return create_index(f"mmpipe-dedup-{run_id}", spec.params, existing)
+
+
+def _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info) -> dict:
+    feats = store.read("features", columns=["id"], filter=pc.field("aug") == 0)["id"].to_pylist()
+    rejects = store.read("rejects", columns=["id", "reason"])
+    return {
+        "run_id": run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_s": round(time.time() - started, 2),
+        "process_s": round(process_s, 2),
+        "store": store.uri,
+        "counts": {"input": len(plan.input_ids), "accepted": len(feats), "rejected": rejects.num_rows,
+                   "processed": len(plan.rows) + len(plan.rejects), "unchanged": len(plan.unchanged),
+                   "removed": len(plan.removed), "partial": len(plan.partial),
+                   "feature_rows_written": committed["rows_written"],
+                   "aug_rejected": result.aug_rejected, "samples_written": result.samples_written},
+        "rejects_by_reason": dict(Counter(rejects["reason"].to_pylist())),
+        "run_rejects_by_reason": dict(committed["run_rejects"]),
+        "stages": _stage_table(stats),
+        "versions": {"features": committed["features_version"], "rejects": committed["rejects_version"]},
+        "dims": result.dims,
+        "cluster": {k: v for k, v in info.items()},
+        "config": cfg.model_dump(mode="json"),
+    }

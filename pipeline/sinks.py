@@ -1,0 +1,182 @@
+"""Driver-side sinks for the processing pass: rows stream in as numpy batches and leave as
+WebDataset shards (samples), staged Parquet (features, committed later) and reject records."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
+from pipeline.store import Store
+from stages.base import MODALITIES, Batch, num_rows
+from stages.media import image_format
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def sample_key(rid: str, aug: int) -> str:
+    """WebDataset keys may not contain dots (they start the extension)."""
+    key = _KEY_UNSAFE.sub("_", rid)
+    return key if aug == 0 else f"{key}_aug{aug}"
+
+
+class ShardSink:
+    """Writes accepted samples to ``samples/<run_id>/shard-NNNNNN.tar`` through the store's filesystem."""
+
+    def __init__(self, store: Store, run_id: str, max_count: int):
+        self.store, self.run_id, self.max_count = store, run_id, max_count
+        self.shard_index, self.count, self.total = -1, 0, 0
+        self._stream = self._writer = None
+        self.current = ""
+
+    def _open_next(self) -> None:
+        self.close()
+        self.shard_index += 1
+        self.current = f"samples/{self.run_id}/shard-{self.shard_index:06d}.tar"
+        path = self.store.path_of(self.current)
+        self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self._stream = self.store.fs.open_output_stream(path)
+        self._writer = wds.TarWriter(self._stream)
+        self.count = 0
+
+    def write(self, sample: dict) -> str:
+        if self._writer is None or self.count >= self.max_count:
+            self._open_next()
+        self._writer.write(sample)
+        self.count += 1
+        self.total += 1
+        return self.current
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()     # closes the stream too
+            self._writer = self._stream = None
+
+
+@dataclass
+class SinkResult:
+    rejects: list[dict] = field(default_factory=list)
+    aug_rejected: int = 0
+    stage_stats: dict[str, list[float]] = field(default_factory=dict)   # stage -> [rows_in, seconds]
+    staged: list[Path] = field(default_factory=list)
+    dims: dict[str, int] = field(default_factory=dict)
+    samples_written: int = 0
+
+
+class RunSink:
+    """Routes every processed row: accepted -> shards + staged features, rejected -> rejects."""
+
+    def __init__(self, store: Store, run_id: str, fps: dict[str, str], staging: Path, shard_max: int):
+        self.run_id, self.fps = run_id, fps
+        self.shards = ShardSink(store, run_id, shard_max)
+        self.staging = staging
+        self.result = SinkResult()
+        self._writer: pq.ParquetWriter | None = None
+        self._schema = FEATURES_SCHEMA.append(pa.field("keep", pa.string()))
+
+    def add(self, batch: Batch) -> None:
+        n = num_rows(batch)
+        if n == 0:
+            return
+        self._collect_stats(batch)
+        accepted = [i for i in range(n) if not batch["reject_reason"][i]]
+        for i in range(n):
+            if batch["reject_reason"][i]:
+                if int(batch["aug"][i]) == 0:
+                    self.result.rejects.append(self._reject_row(batch, i))
+                else:
+                    self.result.aug_rejected += 1
+        if accepted:
+            self._stage_features(batch, accepted)
+
+    def _collect_stats(self, batch: Batch) -> None:
+        for col in [c for c in batch if c.startswith("_stats")]:
+            for blob in batch[col]:
+                if blob:
+                    for stage, (rows, secs) in json.loads(blob).items():
+                        acc = self.result.stage_stats.setdefault(stage, [0, 0.0])
+                        acc[0] += rows
+                        acc[1] += secs
+
+    def _reject_row(self, batch: Batch, i: int) -> dict:
+        refs = {m: str(batch[f"{m}_ref"][i] or "") for m in ("image", "audio") if f"{m}_ref" in batch}
+        return {"id": batch["id"][i], "stage": batch["reject_stage"][i], "reason": batch["reject_reason"][i],
+                "detail": batch["reject_detail"][i], "run_id": self.run_id,
+                "sha_sample": batch["sha_sample"][i], "fp_all": self.fps["all"],
+                "ref": json.dumps({k: v for k, v in refs.items() if v})}
+
+    def _write_sample(self, batch: Batch, i: int) -> str:
+        rid, aug = str(batch["id"][i]), int(batch["aug"][i])
+        meta = {"id": rid, "label": batch["label"][i], "split": batch["split"][i], "aug": aug,
+                "sha": {m: batch[f"sha_{m}"][i] for m in (*MODALITIES, "sample")},
+                "aug_params": json.loads(batch["aug_params"][i] or "{}"),
+                "dropped": json.loads(batch["dropped"][i] or "{}"),
+                "meta": json.loads(batch["meta"][i] or "{}"), "run_id": self.run_id}
+        sample = {"__key__": sample_key(rid, aug), "json": json.dumps(meta, sort_keys=True).encode()}
+        if batch["image"][i] is not None:
+            sample[image_format(batch["image"][i])] = batch["image"][i]
+        if batch["text"][i] is not None:
+            sample["txt"] = batch["text"][i]
+        if batch["audio"][i] is not None:
+            sample["flac"] = batch["audio"][i]
+        return self.shards.write(sample)
+
+    def _stage_features(self, batch: Batch, rows: list[int]) -> None:
+        cols: dict[str, list] = {f.name: [] for f in self._schema}
+        embs = {}
+        for m in MODALITIES:
+            emb = batch.get(f"{m}_emb")
+            if emb is not None:
+                emb = np.asarray(np.stack(list(emb)) if emb.dtype == object else emb, dtype=np.float32)
+                self.result.dims[m] = emb.shape[1]
+            embs[m] = emb
+        for i in rows:
+            shard = self._write_sample(batch, i)
+            for name in ("id", "label", "split", "aug_params", "dedup_sig", "dropped", "meta"):
+                cols[name].append(str(batch[name][i]))
+            cols["aug"].append(int(batch["aug"][i]))
+            for m in MODALITIES:
+                has = batch.get(f"has_{m}")
+                present = bool(has[i]) if has is not None else batch[m][i] is not None
+                cols[f"has_{m}"].append(present)
+                vec = embs[m][i] if embs[m] is not None else np.zeros(0, np.float32)
+                cols[f"{m}_emb"].append(vec if present else np.zeros_like(vec))
+                cols[f"sha_{m}"].append(str(batch[f"sha_{m}"][i]))
+                cols[f"fp_{m}"].append(self.fps[m])
+            cols["sha_sample"].append(str(batch["sha_sample"][i]))
+            cols["fp_sample"].append(self.fps["sample"])
+            cols["shard"].append(shard)
+            cols["run_id"].append(self.run_id)
+            cols["keep"].append(str(batch["keep"][i]) if "keep" in batch else "")
+        arrays = []
+        for f in self._schema:
+            if f.name.endswith("_emb"):
+                flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in cols[f.name]]) if cols[f.name] else np.zeros(0, np.float32)
+                offsets = np.cumsum([0] + [len(v) for v in cols[f.name]], dtype=np.int32)
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())))
+            else:
+                arrays.append(pa.array(cols[f.name], f.type))
+        table = pa.Table.from_arrays(arrays, schema=self._schema)
+        if self._writer is None:
+            path = self.staging / "features.parquet"
+            self._writer = pq.ParquetWriter(path, self._schema)
+            self.result.staged.append(path)
+        self._writer.write_table(table)
+
+    def close(self) -> SinkResult:
+        self.shards.close()
+        self.result.samples_written = self.shards.total
+        if self._writer is not None:
+            self._writer.close()
+        return self.result
+
+
+def rejects_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)

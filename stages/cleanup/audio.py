@@ -1,0 +1,158 @@
+"""``cleanup.audio``: crawled audio bytes -> mono FLAC at one sample rate, trimmed and normalised."""
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
+
+import librosa
+import numpy as np
+import soundfile as sf
+import soxr
+from pydantic import Field
+
+from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
+from stages.media import encode_flac
+from stages.registry import register_stage
+
+# What libsndfile / soxr raise on damaged or hostile input (LibsndfileError is a RuntimeError).
+DECODE_ERRORS = (RuntimeError, ValueError, TypeError, EOFError, OSError)
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+UNKNOWN_LENGTH = 2**62          # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
+PLAUSIBLE_RATES = (1000, 768_000)   # outside: a damaged header, not a recording
+
+
+class AudioParams(StageParams):
+    sample_rate: int = Field(16_000, ge=1000, le=192_000)   # output rate (soxr resampling)
+    max_raw_bytes: int = Field(100 * 1024 * 1024, gt=0)     # audio_too_large_bytes, before opening
+    min_duration_s: float = Field(0.5, ge=0.0)             # after trimming: audio_too_short
+    max_duration_s: float = Field(60.0, gt=0.0)            # header, then after trimming: audio_too_long
+    max_channels: int = Field(16, ge=1)
+    trim_top_db: float | None = Field(40.0, gt=0.0)        # librosa.effects.trim; None = keep edges
+    silence_dbfs: float = -50.0                            # RMS of the kept clip below this: audio_silent
+    normalize: Literal["peak", "rms", "none"] = "peak"
+    peak_dbfs: float = Field(-1.0, le=0.0)                 # peak target, and the ceiling for "rms"
+    rms_dbfs: float = Field(-20.0, le=0.0)                 # target RMS for "rms" (a loudness proxy)
+    resample_quality: Literal["VHQ", "HQ", "MQ", "LQ", "QQ"] = "HQ"
+
+
+@dataclass
+class Decoded:
+    wave: np.ndarray          # mono float32
+    sample_rate: int
+    channels: int
+    src_format: str
+
+
+def db_to_amp(db: float) -> float:
+    return float(10.0 ** (db / 20.0))
+
+
+def rms_dbfs(wave: np.ndarray) -> float:
+    """RMS level in dB relative to full scale (-inf for digital silence)."""
+    if wave.size == 0:
+        return float("-inf")
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return float(20.0 * np.log10(rms)) if rms > 0 else float("-inf")
+
+
+def _peak(wave: np.ndarray, p: AudioParams) -> np.ndarray:
+    peak = float(np.max(np.abs(wave)))
+    return wave * (db_to_amp(p.peak_dbfs) / peak) if peak > 0 else wave
+
+
+def _rms(wave: np.ndarray, p: AudioParams) -> np.ndarray:
+    level = rms_dbfs(wave)
+    if not np.isfinite(level):
+        return wave
+    out = wave * db_to_amp(p.rms_dbfs - level)
+    ceiling, peak = db_to_amp(p.peak_dbfs), float(np.max(np.abs(out)))
+    return out * (ceiling / peak) if peak > ceiling else out
+
+
+NORMALISERS: dict[str, Callable[[np.ndarray, AudioParams], np.ndarray]] = {
+    "none": lambda wave, p: wave,
+    "peak": _peak,
+    "rms": _rms,
+}
+
+
+def _why(exc: Exception) -> str:
+    """Error text without the object address libsndfile puts in it (details should be stable)."""
+    return f"{type(exc).__name__}: {_OBJECT_REPR.sub('<bytes>', str(exc))}"
+
+
+def decode(data: bytes, p: AudioParams) -> Decoded:
+    """Read the header first (duration, rate, channels), then decode at most max_duration_s."""
+    try:
+        info = sf.info(io.BytesIO(data))
+    except DECODE_ERRORS as exc:
+        raise Reject("audio_corrupt", _why(exc)) from None
+    sr, channels = int(info.samplerate), int(info.channels)
+    if not PLAUSIBLE_RATES[0] <= sr <= PLAUSIBLE_RATES[1] or not 1 <= channels <= p.max_channels:
+        raise Reject("audio_corrupt", f"implausible header: {sr} Hz, {channels} channels")
+    if 0 < info.frames < UNKNOWN_LENGTH and info.frames / sr > p.max_duration_s:
+        raise Reject("audio_too_long", f"header duration {info.frames / sr:.1f} s > max_duration_s {p.max_duration_s}")
+    limit = int(p.max_duration_s * sr) + 1   # headers can lie (mp3, damaged wav): bound the read anyway
+    try:
+        wave, _ = sf.read(io.BytesIO(data), frames=limit, dtype="float32", always_2d=True)
+    except DECODE_ERRORS as exc:
+        raise Reject("audio_corrupt", _why(exc)) from None
+    if wave.shape[0] == 0:
+        raise Reject("audio_corrupt", "no samples")
+    if not np.isfinite(wave).all():
+        raise Reject("audio_corrupt", "non-finite samples")
+    if wave.shape[0] >= limit:
+        raise Reject("audio_too_long", f"more than max_duration_s {p.max_duration_s} s of samples")
+    return Decoded(wave.mean(axis=1), sr, channels, str(info.format))
+
+
+@register_stage
+class AudioCleaner(ModalityCleaner):
+    """Crawled audio bytes -> mono, resampled, trimmed, normalised FLAC; rejects silent or bad clips."""
+
+    name = "cleanup.audio"
+    version = 1
+    modality = "audio"
+    Params = AudioParams
+    reasons: ClassVar[dict[str, str]] = {
+        "audio_corrupt": "empty, garbage, truncated, undecodable, implausible header or non-finite samples",
+        "audio_too_large_bytes": "raw bytes longer than max_raw_bytes; checked before opening",
+        "audio_too_long": "header duration (or decoded / trimmed duration) above max_duration_s",
+        "audio_too_short": "duration after silence trimming below min_duration_s",
+        "audio_silent": "RMS of the trimmed clip below silence_dbfs",
+    }
+
+    def __init__(self, params: AudioParams | dict | None = None, context=None):
+        super().__init__(params, context)
+        librosa.effects.trim(np.ones(4096, dtype=np.float32))  # pay librosa's lazy imports once, here
+
+    def clean(self, value: Any) -> Cleaned:
+        p: AudioParams = self.params
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) == 0:
+            raise Reject("audio_corrupt", "empty or not bytes")
+        if len(value) > p.max_raw_bytes:
+            raise Reject("audio_too_large_bytes", f"{len(value)} bytes > max_raw_bytes {p.max_raw_bytes}")
+        dec = decode(bytes(value), p)
+        wave = dec.wave
+        if dec.sample_rate != p.sample_rate:
+            wave = soxr.resample(wave, dec.sample_rate, p.sample_rate, quality=p.resample_quality).astype(np.float32)
+        raw_s = wave.size / p.sample_rate
+        if p.trim_top_db is not None and np.any(wave):
+            wave, _ = librosa.effects.trim(wave, top_db=p.trim_top_db)
+        level = rms_dbfs(wave)
+        if level < p.silence_dbfs:
+            raise Reject("audio_silent", f"RMS {level:.1f} dBFS < silence_dbfs {p.silence_dbfs}")
+        duration = wave.size / p.sample_rate
+        if duration < p.min_duration_s:
+            raise Reject("audio_too_short", f"{duration:.2f} s after trimming < min_duration_s {p.min_duration_s}")
+        if duration > p.max_duration_s:
+            raise Reject("audio_too_long", f"{duration:.2f} s > max_duration_s {p.max_duration_s}")
+        wave = NORMALISERS[p.normalize](wave, p)
+        meta = {
+            "duration_s": round(duration, 3), "sample_rate": p.sample_rate, "src_sample_rate": dec.sample_rate,
+            "src_channels": dec.channels, "src_format": dec.src_format, "rms_dbfs": round(level, 2),
+            "trimmed_s": round(raw_s - duration, 3),
+        }
+        return Cleaned(encode_flac(wave, p.sample_rate), meta)

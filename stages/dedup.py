@@ -1,0 +1,332 @@
+"""Dedup: exact and near-duplicate removal, within a run and against what the store holds.
+
+Signatures are computed where the rows are (the stage's actors); the shared state lives in one
+``DedupIndex`` per run: a Ray actor named ``mmpipe-dedup-<run_id>`` that the runner creates with
+``create_index`` before the plan runs (an in-process instance when Ray is not running). The
+stage sends each batch's signatures in one call; the index answers per row: ``None`` (kept and
+registered) or the kept id the row duplicates. Matching rules:
+
+- exact, per key listed in ``Params.exact``: ``sample`` (every present modality equal and the same
+  modalities present) or one modality alone (``image``, ``text``, ``audio``), on hashes of the
+  cleaned content;
+- near, at sample level: same modalities present, and each one close to the same kept row's:
+  image by perceptual hash (Hamming distance <= ``phash_threshold``), text by MinHash Jaccard over
+  word shingles (>= ``minhash_threshold``; texts shorter than ``min_shingles`` only match exactly),
+  audio exactly.
+
+The first row seen wins: rows already in the store (``existing``) before this run's rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import imagehash
+import numpy as np
+import ray
+from datasketch import MinHash, MinHashLSH
+from PIL import Image
+from pydantic import Field
+
+from stages.base import MODALITIES, REDO, Batch, Stage, StageParams, live_rows, num_rows, object_column
+from stages.media import decode_image
+from stages.registry import register_stage
+
+SIG = "dedup_sig"
+AUG = "aug"
+MINHASH_SCHEME = "affine32"    # datasketch >= 2 needs the scheme to rebuild a MinHash from stored values
+WORD = re.compile(r"\w+")
+
+Checker = Callable[[list["Signature"]], list[str | None]]
+
+
+def index_name(run_id: str) -> str:
+    return f"mmpipe-dedup-{run_id}"
+
+
+class DedupParams(StageParams):
+    exact: list[Literal["sample", "image", "text", "audio"]] = ["sample"]
+    image_phash: bool = True
+    phash_threshold: int = Field(6, ge=0, le=64)
+    text_minhash: bool = True
+    minhash_threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=16)
+    shingle: int = Field(3, ge=1)
+    min_shingles: int = Field(5, ge=1)   # fewer shingles than this: the text only matches exactly
+
+
+# -- signatures -----------------------------------------------------------------------------
+@dataclass
+class Signature:
+    """What the index knows of one row; stored as the ``dedup_sig`` JSON column."""
+
+    id: str
+    sha: dict[str, str]                       # modality -> hash of cleaned content, plus "sample"
+    image_phash: str | None = None            # 64-bit perceptual hash, hex
+    text_minhash: list[int] | None = None     # num_perm MinHash values
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return frozenset(k for k in self.sha if k != "sample")
+
+    def to_json(self) -> str:
+        out: dict[str, Any] = {"sha": self.sha}
+        if self.image_phash is not None:
+            out["image_phash"] = self.image_phash
+        if self.text_minhash is not None:
+            out["text_minhash"] = self.text_minhash
+        return json.dumps(out, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, row_id: str, text: str) -> "Signature":
+        d = json.loads(text)
+        return cls(row_id, d["sha"], d.get("image_phash"), d.get("text_minhash"))
+
+
+def _sha(value: bytes | str) -> str:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()
+
+
+def image_phash(data: bytes) -> str:
+    return str(imagehash.phash(Image.fromarray(decode_image(data))))
+
+
+def shingles(text: str, k: int) -> set[str]:
+    words = WORD.findall(text.lower())
+    return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+
+
+def text_minhash(text: str, p: DedupParams) -> list[int] | None:
+    grams = shingles(text, p.shingle)
+    if len(grams) < p.min_shingles:
+        return None
+    m = MinHash(num_perm=p.num_perm, scheme=MINHASH_SCHEME)
+    m.update_batch([g.encode() for g in grams])
+    return m.hashvalues.tolist()
+
+
+def signature_of(row_id: str, media: dict[str, Any], p: DedupParams) -> Signature:
+    """Signature of one row from its cleaned media (modality -> value, None where absent)."""
+    present = {m: v for m, v in media.items() if v is not None}
+    sha = {m: _sha(v) for m, v in present.items()}
+    sha["sample"] = _sha(json.dumps(sha, sort_keys=True))
+    phash = image_phash(present["image"]) if p.image_phash and "image" in present else None
+    mh = text_minhash(present["text"], p) if p.text_minhash and "text" in present else None
+    return Signature(row_id, sha, phash, mh)
+
+
+# -- the index ------------------------------------------------------------------------------
+class _HammingTable:
+    """64-bit codes searched by Hamming distance with one vectorised popcount."""
+
+    def __init__(self) -> None:
+        self._codes = np.zeros(1024, dtype=np.uint64)
+        self._alive = np.zeros(1024, dtype=bool)
+        self._ids: list[str] = []
+        self._pos: dict[str, int] = {}
+
+    def add(self, row_id: str, code: int) -> None:
+        n = len(self._ids)
+        if n == len(self._codes):
+            self._codes = np.concatenate([self._codes, np.zeros(n, dtype=np.uint64)])
+            self._alive = np.concatenate([self._alive, np.zeros(n, dtype=bool)])
+        self._codes[n], self._alive[n] = code, True
+        self._ids.append(row_id)
+        self._pos[row_id] = n
+
+    def remove(self, row_id: str) -> None:
+        pos = self._pos.pop(row_id, None)
+        if pos is not None:
+            self._alive[pos] = False
+
+    def near(self, code: int, threshold: int) -> set[str]:
+        n = len(self._ids)
+        dist = np.bitwise_count(self._codes[:n] ^ np.uint64(code))
+        return {self._ids[j] for j in np.flatnonzero((dist <= threshold) & self._alive[:n])}
+
+
+@dataclass
+class _Entry:
+    seq: int
+    sig: Signature
+
+
+class DedupIndex:
+    """The run's dedup state. Plain class; ``create_index`` wraps it in a named Ray actor."""
+
+    def __init__(self, params: dict | DedupParams, existing: list[tuple[str, str]] = ()):
+        self.params = params if isinstance(params, DedupParams) else DedupParams.model_validate(params)
+        p = self.params
+        self._seq = 0                                      # registration order: the first seen wins
+        self._entries: dict[str, _Entry] = {}
+        self._by_sha: dict[str, dict[str, set[str]]] = {key: {} for key in (*MODALITIES, "sample")}
+        self._phash = _HammingTable()
+        self._minhash: dict[str, MinHash] = {}
+        self._lsh: MinHashLSH | None = (
+            MinHashLSH(threshold=p.minhash_threshold, num_perm=p.num_perm) if p.text_minhash else None)
+        for row_id, sig in existing:
+            if sig:   # rows stored while dedup was off carry no signature
+                self._replace(Signature.from_json(row_id, sig))
+
+    def size(self) -> int:
+        return len(self._entries)
+
+    def check(self, sigs: list[Signature]) -> list[str | None]:
+        """Per row, in order: None (kept, now registered) or the kept id it duplicates."""
+        out: list[str | None] = []
+        for sig in sigs:
+            self._remove(sig.id)   # a reprocessed row must not match its own old entry
+            kept = self._match(sig)
+            if kept is None:
+                self._add(sig)
+            out.append(kept)
+        return out
+
+    # -- matching -------------------------------------------------------------------------
+    def _match(self, sig: Signature) -> str | None:
+        found: set[str] = set()
+        for key in self.params.exact:
+            if key in sig.sha:
+                found |= self._by_sha[key].get(sig.sha[key], set())
+        if sig.image_phash is not None or sig.text_minhash is not None:
+            found |= self._near(sig)
+        return min(found, key=lambda i: self._entries[i].seq) if found else None
+
+    def _near(self, sig: Signature) -> set[str]:
+        """Kept rows with the same modalities, each one near this row's."""
+        per_modality = [self._near_in(m, sig) for m in sig.modalities]
+        same = set.intersection(*per_modality) if per_modality else set()
+        return {i for i in same if self._entries[i].sig.modalities == sig.modalities}
+
+    def _near_in(self, modality: str, sig: Signature) -> set[str]:
+        if modality == "image" and sig.image_phash is not None:
+            return self._phash.near(int(sig.image_phash, 16), self.params.phash_threshold)
+        if modality == "text" and sig.text_minhash is not None and self._lsh is not None:
+            mh = self._make_minhash(sig.text_minhash)
+            return {i for i in self._lsh.query(mh) if mh.jaccard(self._minhash[i]) >= self.params.minhash_threshold}
+        return set(self._by_sha[modality].get(sig.sha[modality], set()))
+
+    def _make_minhash(self, values: list[int]) -> MinHash:
+        return MinHash(num_perm=len(values), hashvalues=np.asarray(values, dtype=np.uint32), scheme=MINHASH_SCHEME)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _replace(self, sig: Signature) -> None:
+        self._remove(sig.id)
+        self._add(sig)
+
+    def _add(self, sig: Signature) -> None:
+        self._seq += 1
+        self._entries[sig.id] = _Entry(self._seq, sig)
+        for key, h in sig.sha.items():
+            self._by_sha.setdefault(key, {}).setdefault(h, set()).add(sig.id)
+        if sig.image_phash is not None:
+            self._phash.add(sig.id, int(sig.image_phash, 16))
+        # a stored signature made with another num_perm cannot be compared: it still matches exactly
+        if sig.text_minhash is not None and self._lsh is not None and len(sig.text_minhash) == self.params.num_perm:
+            mh = self._make_minhash(sig.text_minhash)
+            self._lsh.insert(sig.id, mh)
+            self._minhash[sig.id] = mh
+
+    def _remove(self, row_id: str) -> None:
+        entry = self._entries.pop(row_id, None)
+        if entry is None:
+            return
+        for key, h in entry.sig.sha.items():
+            ids = self._by_sha[key].get(h)
+            if ids is not None:
+                ids.discard(row_id)
+                if not ids:
+                    del self._by_sha[key][h]
+        self._phash.remove(row_id)
+        if self._minhash.pop(row_id, None) is not None:
+            self._lsh.remove(row_id)
+
+
+# in-process indexes by name, for when Ray is not running (unit tests, single-process tools)
+_LOCAL: dict[str, DedupIndex] = {}
+# handles of the actors this process created: a non-detached actor dies with its last handle
+_ACTORS: dict[str, Any] = {}
+
+
+def create_index(name: str, params: dict, existing: list[tuple[str, str]]) -> Any:
+    """Create the run's index (a named Ray actor when Ray is up); ``existing`` = (id, dedup_sig)
+    of rows already stored, which count as seen first. Replaces an index of the same name."""
+    close_index(name)
+    if not ray.is_initialized():
+        _LOCAL[name] = DedupIndex(params, existing)
+        return _LOCAL[name]
+    actor = ray.remote(num_cpus=0)(DedupIndex).options(name=name).remote(params, existing)
+    ray.get(actor.size.remote())   # surface a bad config or signature now, not in the first batch
+    _ACTORS[name] = actor
+    return actor
+
+
+def close_index(name: str) -> None:
+    """Drop the named index (call after the run)."""
+    _LOCAL.pop(name, None)
+    _ACTORS.pop(name, None)
+    if ray.is_initialized():
+        try:
+            ray.kill(ray.get_actor(name))
+        except ValueError:   # no such actor
+            pass
+
+
+def open_index(name: str, params: DedupParams) -> Checker:
+    """The check function of the named index: the Ray actor when Ray is up, else in-process."""
+    if not ray.is_initialized():
+        index = _LOCAL.get(name) or _LOCAL.setdefault(name, DedupIndex(params, []))
+        return index.check
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        raise RuntimeError(f"dedup index {name!r} not found: call stages.dedup.create_index before the run") from None
+    return lambda sigs: ray.get(actor.check.remote(sigs))
+
+
+# -- the stage ------------------------------------------------------------------------------
+@register_stage
+class Dedup(Stage):
+    """Reject exact and near duplicates (reason ``duplicate``, detail = the kept id); write
+    ``dedup_sig`` for kept rows."""
+
+    name = "dedup"
+    version = 1
+    modality = None
+    Params = DedupParams
+
+    def __init__(self, params: DedupParams | dict | None = None, context=None):
+        super().__init__(params, context)
+        self._check = open_index(index_name(self.context.run_id), self.params)
+
+    def process(self, batch: Batch) -> Batch:
+        n = num_rows(batch)
+        if SIG not in batch:
+            batch[SIG] = object_column([""] * n)
+        rows, sigs = [], []
+        for i in self._candidates(batch):
+            media = {m: batch[m][i] if m in batch else None for m in MODALITIES}
+            try:
+                sigs.append(signature_of(str(batch["id"][i]), media, self.params))
+            except (OSError, ValueError) as exc:   # cleanup let through media we cannot decode
+                self.reject(batch, i, "dedup_error", f"{type(exc).__name__}: {exc}")
+                continue
+            rows.append(i)
+        if not sigs:
+            return batch
+        for i, sig, kept in zip(rows, sigs, self._check(sigs)):
+            if kept is None:
+                batch[SIG][i] = sig.to_json()
+            else:
+                self.reject(batch, i, "duplicate", kept)
+        return batch
+
+    @staticmethod
+    def _candidates(batch: Batch) -> list[int]:
+        """Live original rows (aug 0) that this run processes (non-empty redo)."""
+        aug = batch.get(AUG)
+        return [int(i) for i in live_rows(batch)
+                if str(batch[REDO][i] or "") and (aug is None or int(aug[i]) == 0)]

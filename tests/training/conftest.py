@@ -1,0 +1,79 @@
+"""A synthetic features store where each modality holds partial, complementary signal.
+
+Four classes c0..c3: the image embedding tells {c0,c1} from {c2,c3}, the text embedding tells
+{c0,c2} from {c1,c3}, audio carries a weak hint of the class; each modality is missing at random
+(never all three). Only a fusion of image and text can name the class."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import Config
+from pipeline.schema import FEATURES_SCHEMA
+
+DIMS = {"image": 8, "text": 12, "audio": 6}
+CLASSES = ["c0", "c1", "c2", "c3"]
+
+
+def make_features(n: int = 480, seed: int = 0, missing: float = 0.2, aug_copies: int = 1) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    split = rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2])
+    dirs = {m: rng.normal(size=d) / np.sqrt(d) * 2 for m, d in DIMS.items()}
+    audio_centres = rng.normal(size=(4, DIMS["audio"])) * 0.35
+
+    def embed(labels: np.ndarray) -> dict[str, np.ndarray]:
+        k = len(labels)
+        img = np.where(labels // 2 == 0, 1.0, -1.0)[:, None] * dirs["image"] + rng.normal(0, 0.7, (k, 8))
+        txt = np.where(labels % 2 == 0, 1.0, -1.0)[:, None] * dirs["text"] + rng.normal(0, 0.7, (k, 12))
+        aud = audio_centres[labels] + rng.normal(0, 1.0, (k, 6))
+        return {"image": img, "text": txt, "audio": aud}
+
+    def presence(k: int) -> np.ndarray:
+        has = rng.random((k, 3)) >= missing
+        none = ~has.any(axis=1)
+        has[none, rng.integers(0, 3, none.sum())] = True
+        return has
+
+    ids = [f"s{i:05d}" for i in range(n)]
+    aug = np.zeros(n, np.int32)
+    # augmented copies of train rows (aug = 1..k) with fresh noise
+    train_idx = np.flatnonzero(split == "train")
+    for k in range(1, aug_copies + 1):
+        ids += [f"s{i:05d}" for i in train_idx]
+        y = np.concatenate([y, y[train_idx]])
+        split = np.concatenate([split, split[train_idx]])
+        aug = np.concatenate([aug, np.full(len(train_idx), k, np.int32)])
+    embs, has = embed(y), presence(len(y))
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(ids), "label": pa.array([CLASSES[i] for i in y]), "split": pa.array(split.tolist()),
+        "aug": pa.array(aug, pa.int32()),
+    }
+    for j, m in enumerate(DIMS):
+        cols[f"has_{m}"] = pa.array(has[:, j])
+    for j, m in enumerate(DIMS):
+        e = (embs[m] * has[:, j : j + 1]).astype(np.float32)
+        cols[f"{m}_emb"] = pa.array(list(e), pa.list_(pa.float32()))
+    for f in FEATURES_SCHEMA:
+        if f.name not in cols:
+            cols[f.name] = pa.nulls(len(y), f.type)
+    return pa.table(cols, schema=FEATURES_SCHEMA)
+
+
+def write_store(path, table: pa.Table) -> str:
+    from deltalake import write_deltalake
+
+    write_deltalake(f"{path}/features", table)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return write_store(tmp_path_factory.mktemp("store"), make_features())
+
+
+def small_config(**training) -> Config:
+    base = dict(epochs=12, batch_size=32, hidden=32, lr=5e-3, dropout=0.1, modality_dropout=0.15, patience=6,
+                engine="local", num_workers=2, cpus_per_worker=0.5)
+    return Config.model_validate({"training": {**base, **training}})

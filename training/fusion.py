@@ -1,0 +1,195 @@
+"""Fusion classifiers over per-modality embeddings, in a registry: one class + one decorator each.
+
+Every model takes ``forward(embs, mask)``: ``embs[m]`` is a ``[B, d_m]`` float tensor per modality
+(in ``model.modalities`` order) and ``mask`` a ``[B, M]`` float tensor, 1 where the modality is
+present. A missing modality contributes nothing, and a sample with every modality missing still
+gets finite logits. In training mode, modality dropout masks present modalities at random, never
+all of a sample's present ones.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stages.registry import registry
+
+FUSIONS, register_fusion = registry("fusion")
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over present entries only; all-missing rows give all-zero weights (never NaN)."""
+    scores = scores.masked_fill(mask <= 0, float("-inf"))
+    peak = scores.amax(dim=dim, keepdim=True).clamp_min(-1e4)  # -inf rows -> finite shift
+    w = torch.exp(scores - peak) * (mask > 0)
+    return w / w.sum(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def drop_modalities(mask: Tensor, p: float) -> Tensor:
+    """Randomly mask present modalities with probability ``p``; a sample keeps at least one."""
+    if p <= 0:
+        return mask
+    keep = (torch.rand_like(mask) >= p).to(mask.dtype)
+    dropped = mask * keep
+    emptied = (dropped.sum(dim=1, keepdim=True) == 0) & (mask.sum(dim=1, keepdim=True) > 0)
+    return torch.where(emptied, mask, dropped)
+
+
+def projector(dim: int, hidden: int, dropout: float) -> nn.Module:
+    """Per-modality encoder: normalise (encoders differ in scale), project, non-linearity."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout))
+
+
+def classifier(inp: int, hidden: int, n_classes: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+
+class FusionModel(nn.Module):
+    """Base: keeps the constructor arguments (to rebuild from a checkpoint) and modality dropout."""
+
+    name = ""
+    exposes_weights = False   # True: ``last_weights`` holds [B, M] per-sample modality weights
+
+    def __init__(self, dims: dict[str, int], n_classes: int, hidden: int = 128, dropout: float = 0.1,
+                 modality_dropout: float = 0.0, **extra) -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("a fusion model needs at least one modality")
+        self.modalities = list(dims)
+        self.dims = dict(dims)
+        self.n_classes = n_classes
+        self.hidden = hidden
+        self.modality_dropout = modality_dropout
+        self.last_weights: Tensor | None = None
+
+    def forward(self, embs: dict[str, Tensor], mask: Tensor) -> Tensor:
+        mask = mask.to(embs[self.modalities[0]].dtype)
+        if self.training:
+            mask = drop_modalities(mask, self.modality_dropout)
+        return self.fuse(embs, mask)
+
+    def fuse(self, embs: dict[str, Tensor], mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _keep_weights(self, w: Tensor) -> None:
+        self.last_weights = w.detach().float()
+
+
+@register_fusion
+class ConcatFusion(FusionModel):
+    """Early (feature-level) fusion: per-modality projections, zeroed when missing, concat -> MLP."""
+
+    name = "concat"
+
+    def __init__(self, dims, n_classes, hidden=128, dropout=0.1, modality_dropout=0.0, **extra):
+        super().__init__(dims, n_classes, hidden, dropout, modality_dropout)
+        self.proj = nn.ModuleDict({m: projector(d, hidden, dropout) for m, d in dims.items()})
+        # the mask itself is an input too, so "missing" is distinguishable from "zero features"
+        self.head = classifier(hidden * len(dims) + len(dims), hidden, n_classes, dropout)
+
+    def fuse(self, embs, mask):
+        parts = [self.proj[m](embs[m]) * mask[:, i : i + 1] for i, m in enumerate(self.modalities)]
+        return self.head(torch.cat([*parts, mask], dim=1))
+
+
+@register_fusion
+class LateFusion(FusionModel):
+    """Decision-level fusion: one classifier per modality, a learned weighting of their
+    log-probabilities, renormalised (masked softmax) over the modalities present."""
+
+    name = "late"
+    exposes_weights = True
+
+    def __init__(self, dims, n_classes, hidden=128, dropout=0.1, modality_dropout=0.0, **extra):
+        super().__init__(dims, n_classes, hidden, dropout, modality_dropout)
+        self.heads = nn.ModuleDict(
+            {m: nn.Sequential(projector(d, hidden, dropout), nn.Linear(hidden, n_classes)) for m, d in dims.items()})
+        self.weight_logits = nn.Parameter(torch.zeros(len(dims)))
+        self.scale = nn.Parameter(torch.tensor(float(len(dims))))  # sum-of-log-probs at init
+
+    def fuse(self, embs, mask):
+        logp = torch.stack([torch.log_softmax(self.heads[m](embs[m]), dim=-1) for m in self.modalities], dim=1)
+        w = masked_softmax(self.weight_logits.expand_as(mask), mask)
+        self._keep_weights(w)
+        return self.scale * (w.unsqueeze(-1) * logp).sum(dim=1)
+
+
+@register_fusion
+class AttentionFusion(FusionModel):
+    """Per-sample modality attention: a scorer rates each projected modality, masked softmax
+    turns the scores into weights, the weighted sum goes to the classifier."""
+
+    name = "attention"
+    exposes_weights = True
+
+    def __init__(self, dims, n_classes, hidden=128, dropout=0.1, modality_dropout=0.0, **extra):
+        super().__init__(dims, n_classes, hidden, dropout, modality_dropout)
+        self.proj = nn.ModuleDict({m: projector(d, hidden, dropout) for m, d in dims.items()})
+        self.modality_emb = nn.Parameter(torch.zeros(len(dims), hidden))
+        self.scorer = nn.Sequential(nn.Linear(hidden, hidden // 2 or 1), nn.Tanh(), nn.Linear(hidden // 2 or 1, 1))
+        self.head = classifier(hidden, hidden, n_classes, dropout)
+
+    def fuse(self, embs, mask):
+        h = torch.stack([self.proj[m](embs[m]) for m in self.modalities], dim=1) + self.modality_emb
+        w = masked_softmax(self.scorer(h).squeeze(-1), mask)
+        self._keep_weights(w)
+        return self.head((w.unsqueeze(-1) * h).sum(dim=1))
+
+
+@register_fusion
+class GatedFusion(FusionModel):
+    """Gated multimodal unit (Arevalo et al. 2017) for M modalities: h_m = tanh(W_m x_m), gates
+    z = softmax over present modalities of W_z [x_1..x_M] per hidden unit, h = sum_m z_m * h_m."""
+
+    name = "gated"
+    exposes_weights = True
+
+    def __init__(self, dims, n_classes, hidden=128, dropout=0.1, modality_dropout=0.0, **extra):
+        super().__init__(dims, n_classes, hidden, dropout, modality_dropout)
+        self.norm = nn.ModuleDict({m: nn.LayerNorm(d) for m, d in dims.items()})
+        self.transform = nn.ModuleDict({m: nn.Linear(d, hidden) for m, d in dims.items()})
+        self.gate = nn.Linear(sum(dims.values()) + len(dims), hidden * len(dims))
+        self.drop = nn.Dropout(dropout)
+        self.head = classifier(hidden, hidden, n_classes, dropout)
+
+    def fuse(self, embs, mask):
+        xs = [self.norm[m](embs[m]) * mask[:, i : i + 1] for i, m in enumerate(self.modalities)]
+        h = torch.stack([torch.tanh(self.transform[m](x)) for m, x in zip(self.modalities, xs)], dim=1)
+        z = self.gate(torch.cat([*xs, mask], dim=1)).view(-1, len(self.modalities), self.hidden)
+        z = masked_softmax(z, mask.unsqueeze(-1).expand_as(z), dim=1)   # [B, M, H]
+        self._keep_weights(z.mean(dim=-1))
+        return self.head(self.drop((z * h).sum(dim=1)))
+
+
+@register_fusion
+class TransformerFusion(FusionModel):
+    """One token per modality (+ modality embedding) and a CLS token through a transformer
+    encoder; missing modalities are padding keys, so the CLS token never attends to them."""
+
+    name = "transformer"
+
+    def __init__(self, dims, n_classes, hidden=128, dropout=0.1, modality_dropout=0.0,
+                 layers: int = 2, heads: int = 4, **extra):
+        super().__init__(dims, n_classes, hidden, dropout, modality_dropout)
+        heads = heads if hidden % heads == 0 else 1
+        self.proj = nn.ModuleDict({m: projector(d, hidden, dropout) for m, d in dims.items()})
+        self.modality_emb = nn.Parameter(torch.randn(len(dims), hidden) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, n_classes))
+
+    def fuse(self, embs, mask):
+        tokens = torch.stack([self.proj[m](embs[m]) for m in self.modalities], dim=1) + self.modality_emb
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        pad = torch.cat([torch.zeros_like(mask[:, :1]), 1 - mask], dim=1) > 0   # True = ignore
+        return self.head(self.encoder(tokens, src_key_padding_mask=pad)[:, 0])
+
+
+def build_fusion(name: str, dims: dict[str, int], n_classes: int, **kwargs) -> FusionModel:
+    """Build a registered fusion model by name (kwargs: hidden, dropout, modality_dropout, extras)."""
+    try:
+        cls = FUSIONS[name]
+    except KeyError:
+        raise KeyError(f"unknown fusion {name!r}; known: {', '.join(sorted(FUSIONS))}") from None
+    return cls(dims, n_classes, **kwargs)
