@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 import uuid
 from collections import Counter
@@ -25,6 +27,12 @@ from stages.base import MODALITIES, StageContext
 
 SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
                 "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
+
+
+def _fault_point(name: str) -> None:
+    """Crash-safety tests SIGKILL the run here (MMPIPE_KILL_AT=name); a no-op otherwise."""
+    if os.environ.get("MMPIPE_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -97,6 +105,7 @@ def commit(store: Store, plan: Plan, lineage: Lineage, sink: SinkResult, run_id:
     reject_tombs = pa.table({"id": pa.array(sorted(i for i in touched if i in lineage.rejects and i not in rejected_ids), pa.string())})
     meta = {"mmpipe.dims": json.dumps(dims)}
     v_features = store.merge("features", new, feature_tombs, run_id, meta)
+    _fault_point("between_commits")
     v_rejects = store.merge("rejects", rejects, reject_tombs, run_id)
     return {"features_version": v_features, "rejects_version": v_rejects,
             "rows_written": new.num_rows, "run_rejects": Counter(rejects["reason"].to_pylist())}
@@ -111,8 +120,8 @@ def _stage_table(stats: dict[str, list[float]]) -> dict[str, dict]:
 def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
     store = Store(cfg.store)
     run_id = new_run_id()
+    build_stages(cfg)                       # validate every stage before any data is read
     records = read_source(cfg.source)
-    build_stages(cfg)                       # validate every stage before Ray starts
     started = time.time()
     with store.lock(run_id):
         info = init_ray(cfg)
@@ -138,14 +147,19 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             if plan.rows:
                 for batch in iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])):
                     sink.add(batch)
+                    _fault_point("during_stages")
             result = sink.close()
+            _fault_point("before_commit")
             process_s = time.perf_counter() - t1
             committed = commit(store, plan, lineage, result, run_id, result.dims)
         finally:
             if index is not None:
-                ray.kill(index)
+                from stages.dedup import close_index
+
+                close_index(index)
         stats = {"ingest.scan": [len(records), scan_s]} | result.stage_stats
         record = _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info)
+        _fault_point("before_record")
         store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(run_id, record, store)
@@ -155,10 +169,11 @@ def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, 
     spec = next((s for s in specs if s.name == "dedup"), None)
     if spec is None or not plan.rows:
         return None
-    from stages.dedup import create_index
+    from stages.dedup import create_index, index_name
 
-    existing = store.dedup_signatures(exclude=plan.removed)
-    return create_index(f"mmpipe-dedup-{run_id}", spec.params, existing)
+    name = index_name(run_id)
+    create_index(name, spec.params, store.dedup_signatures(exclude=plan.removed))
+    return name
 
 
 def _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info) -> dict:

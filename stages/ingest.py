@@ -101,9 +101,9 @@ class IngestScan(Stage):
     def _scan_row(self, batch: Batch, out: Batch, i: int, urls: dict) -> None:
         text = batch["text"][i]
         refs = {m: batch[m][i] for m in MEDIA_REFS}
-        if text is None and not any(refs.values()):
+        if not text and not any(refs.values()):
             raise Reject("empty_record", "no image, text or audio")
-        if text is not None:
+        if text:
             out["sha_text"][i] = content_hash(text.encode("utf-8", "surrogatepass"))
         for m, ref in refs.items():
             if not ref:
@@ -171,6 +171,9 @@ class IngestLoad(Stage):
                     continue
                 values.append(data)
             batch[m] = object_column(values)
+        # The scan carries an absent text as "" (uniform column types); stages expect None.
+        texts = batch.get("text", object_column([None] * n))
+        batch["text"] = object_column([t if isinstance(t, str) and t != "" else None for t in texts])
         for m in MODALITIES:
             batch.setdefault(m, object_column([None] * n))
         return batch

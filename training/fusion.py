@@ -31,7 +31,9 @@ def drop_modalities(mask: Tensor, p: float) -> Tensor:
     keep = (torch.rand_like(mask) >= p).to(mask.dtype)
     dropped = mask * keep
     emptied = (dropped.sum(dim=1, keepdim=True) == 0) & (mask.sum(dim=1, keepdim=True) > 0)
-    return torch.where(emptied, mask, dropped)
+    # a sample that lost everything keeps one of its present modalities, chosen at random
+    pick = torch.nn.functional.one_hot((torch.rand_like(mask) * mask).argmax(dim=1), mask.shape[1])
+    return torch.where(emptied, pick.to(mask.dtype), dropped)
 
 
 def projector(dim: int, hidden: int, dropout: float) -> nn.Module:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from pipeline.config import Config, TrainingConfig
@@ -166,7 +167,7 @@ def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, da
     plots = [plot_confusion(metrics["confusion_matrix"], spec.classes, model_dir / "confusion_matrix.png"),
              plot_curves(outcome.history, outcome.best_epoch, model_dir / "training_curves.png")]
     if weights is not None and len(weights):
-        mask = torch.stack([torch.as_tensor(data.test[f"{m}_mask"]) for m in spec.modalities], 1).numpy()
+        mask = np.stack([data.test[f"{m}_mask"] for m in spec.modalities], axis=1)
         plots.append(plot_modality_weights(weights, mask, spec.modalities, model_dir / "modality_weights.png"))
         metrics["modality_weights"] = dict(zip(spec.modalities, weights.mean(axis=0).round(4).tolist()))
     metrics.update(

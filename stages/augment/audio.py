@@ -3,19 +3,21 @@ noise at a target SNR. The sample rate never changes and samples stay within [-1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import librosa
 import numpy as np
 from pydantic import Field, field_validator
 
-from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, noise_seed, uniform
+from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, noise_seed, register_op, uniform
 from stages.base import StageParams
 from stages.media import decode_audio, encode_flac
 from stages.registry import register_stage
 
 Range = tuple[float, float]
 OPS: dict[str, Op] = {}
+op = partial(register_op, OPS)
 MIN_STFT_SAMPLES = 2048   # librosa's default n_fft: shorter clips are not stretched or shifted in pitch
 
 
@@ -23,14 +25,6 @@ MIN_STFT_SAMPLES = 2048   # librosa's default n_fft: shorter clips are not stret
 class Clip:
     wave: np.ndarray   # mono float32
     sr: int
-
-
-def op(name: str, draw):
-    def add(apply):
-        OPS[name] = Op(draw=draw, apply=apply)
-        return apply
-
-    return add
 
 
 def _clip(wave: np.ndarray) -> np.ndarray:

@@ -40,6 +40,18 @@ class Op:
     apply: Apply
 
 
+def register_op(table: dict[str, Op], name: str, draw: Draw) -> Callable[[Apply], Apply]:
+    """Decorator: register the decorated ``apply`` under ``name`` in ``table`` with its ``draw``."""
+
+    def add(apply: Apply) -> Apply:
+        if name in table:
+            raise ValueError(f"augmentation op {name!r} registered twice")
+        table[name] = Op(draw=draw, apply=apply)
+        return apply
+
+    return add
+
+
 def copy_seed(seed: int, row_id: str, aug: int, modality: str) -> int:
     """A stable 64-bit seed for one copy of one row and one modality (sha256, not ``hash()``)."""
     key = json.dumps([int(seed), str(row_id), int(aug), modality]).encode()
@@ -68,7 +80,7 @@ class ModalityAugmenter(Stage):
     """Role base for ``augment.<modality>``: set ``OPS`` and fill in ``decode`` / ``encode``.
 
     ``Params`` must carry ``ops: list[str]`` (the order ops are tried in) and one ``OpPolicy``
-    field per op, named like the op. Only rows with ``aug > 0`` live for the modality change.
+    field per op, named like the op. Only live rows with ``aug > 0`` that carry the modality change.
     """
 
     OPS: ClassVar[dict[str, Op]] = {}
@@ -115,7 +127,9 @@ class ModalityAugmenter(Stage):
         m = self.modality
         assert m is not None
         values, aug = batch[m], batch[AUG]
-        for i in live_rows(batch, m):
+        # every present modality of a processed copy, not only those in ``redo``: a copy is
+        # rebuilt from its original whenever the row is reprocessed, so all its media must be
+        for i in live_rows(batch, m, redo_only=False):
             k = int(aug[i])
             if k <= 0:
                 continue  # originals are never augmented

@@ -6,6 +6,7 @@ every op keeps the image's size, so shapes and dtype never change.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -14,23 +15,14 @@ import torchvision.transforms.v2.functional as F
 from pydantic import Field, field_validator
 from torchvision.transforms import InterpolationMode
 
-from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, noise_seed, uniform
+from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, noise_seed, register_op, uniform
 from stages.base import StageParams
 from stages.media import decode_image, encode_image, image_format
 from stages.registry import register_stage
 
 Range = tuple[float, float]
 OPS: dict[str, Op] = {}
-
-
-def op(name: str, draw):
-    """Register ``apply`` under ``name`` together with its ``draw``."""
-
-    def add(apply):
-        OPS[name] = Op(draw=draw, apply=apply)
-        return apply
-
-    return add
+op = partial(register_op, OPS)
 
 
 def _hw(img: torch.Tensor) -> tuple[int, int]:

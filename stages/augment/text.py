@@ -8,6 +8,7 @@ word from the text instead of a synonym.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from nltk.tokenize.treebank import TreebankWordDetokenizer
 from pydantic import Field, field_validator
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops
+from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, register_op
 from stages.augment.wordnet import DEFAULT_WORDNET_DIR, load_wordnet
 from stages.base import StageContext, StageParams
 from stages.registry import register_stage
@@ -24,14 +25,7 @@ from stages.registry import register_stage
 TOKENIZER = TweetTokenizer(preserve_case=True)
 DETOKENIZER = TreebankWordDetokenizer()
 OPS: dict[str, Op] = {}
-
-
-def op(name: str, draw):
-    def add(apply):
-        OPS[name] = Op(draw=draw, apply=apply)
-        return apply
-
-    return add
+op = partial(register_op, OPS)
 
 
 class EdaPolicy(OpPolicy):

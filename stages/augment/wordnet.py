@@ -51,8 +51,11 @@ def missing_files(wordnet_dir: str) -> list[str]:
 
 
 def load_wordnet(wordnet_dir: str = DEFAULT_WORDNET_DIR) -> WordNetCorpusReader | None:
-    """The reader, or None (with one logged warning per directory) when the database is absent."""
+    """The reader (one per directory and process: loading takes seconds), or None with one
+    logged warning per directory when the database is absent."""
     root = str(Path(wordnet_dir).resolve())
+    if root in _readers:
+        return _readers[root]
     if missing_files(root):
         if root not in _warned:
             _warned.add(root)
@@ -63,7 +66,9 @@ def load_wordnet(wordnet_dir: str = DEFAULT_WORDNET_DIR) -> WordNetCorpusReader 
         nltk.data.path.append(root)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The multilingual functions are not available")
-        return DebianWordNetReader(root, None)
+        _readers[root] = DebianWordNetReader(root, None)
+    return _readers[root]
 
 
+_readers: dict[str, WordNetCorpusReader] = {}
 _warned: set[str] = set()

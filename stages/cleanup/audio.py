@@ -21,6 +21,7 @@ DECODE_ERRORS = (RuntimeError, ValueError, TypeError, EOFError, OSError)
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 UNKNOWN_LENGTH = 2**62          # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
 PLAUSIBLE_RATES = (1000, 768_000)   # outside: a damaged header, not a recording
+MAX_FLOAT_PEAK = 16.0               # float files may clip above 1.0, never by 24 dB: damaged data
 
 
 class AudioParams(StageParams):
@@ -103,6 +104,8 @@ def decode(data: bytes, p: AudioParams) -> Decoded:
         raise Reject("audio_corrupt", "no samples")
     if not np.isfinite(wave).all():
         raise Reject("audio_corrupt", "non-finite samples")
+    if float(np.max(np.abs(wave))) > MAX_FLOAT_PEAK:
+        raise Reject("audio_corrupt", f"samples beyond {MAX_FLOAT_PEAK}x full scale (damaged float data)")
     if wave.shape[0] >= limit:
         raise Reject("audio_too_long", f"more than max_duration_s {p.max_duration_s} s of samples")
     return Decoded(wave.mean(axis=1), sr, channels, str(info.format))
@@ -117,7 +120,7 @@ class AudioCleaner(ModalityCleaner):
     modality = "audio"
     Params = AudioParams
     reasons: ClassVar[dict[str, str]] = {
-        "audio_corrupt": "empty, garbage, truncated, undecodable, implausible header or non-finite samples",
+        "audio_corrupt": "empty, garbage, truncated, undecodable, implausible header, non-finite or wild samples",
         "audio_too_large_bytes": "raw bytes longer than max_raw_bytes; checked before opening",
         "audio_too_long": "header duration (or decoded / trimmed duration) above max_duration_s",
         "audio_too_short": "duration after silence trimming below min_duration_s",
@@ -142,7 +145,7 @@ class AudioCleaner(ModalityCleaner):
         if p.trim_top_db is not None and np.any(wave):
             wave, _ = librosa.effects.trim(wave, top_db=p.trim_top_db)
         level = rms_dbfs(wave)
-        if level < p.silence_dbfs:
+        if not np.isfinite(level) or level < p.silence_dbfs:   # digital silence always counts
             raise Reject("audio_silent", f"RMS {level:.1f} dBFS < silence_dbfs {p.silence_dbfs}")
         duration = wave.size / p.sample_rate
         if duration < p.min_duration_s:

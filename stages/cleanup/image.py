@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import cv2
@@ -32,17 +31,11 @@ class ImageParams(StageParams):
     max_aspect: float = Field(4.0, ge=1.0)                  # long side / short side: image_bad_aspect
     blank_std: float = Field(3.0, ge=0.0)                   # grey std (0-255) below this: image_blank
     blur_threshold: float = Field(30.0, ge=0.0)             # Laplacian variance below this: image_blurry; 0 = off
-    work_side: int = Field(512, ge=32)                      # long side of the grey image the checks run on
+    work_side: int = Field(256, ge=32)                      # long side of the grey image the checks run on
     max_side: int = Field(1024, ge=16)                      # output long side (downscale only)
     icc_to_srgb: bool = True                                # apply an embedded ICC profile (CMYK, wide gamut)
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(90, ge=1, le=100)                  # jpg only
-
-
-@dataclass
-class Opened:
-    image: Image.Image
-    src_format: str
 
 
 def identify_format(data: bytes) -> str | None:
@@ -54,21 +47,19 @@ def identify_format(data: bytes) -> str | None:
         return None
 
 
-def open_image(data: bytes, p: ImageParams) -> Opened:
+def open_image(data: bytes, p: ImageParams) -> Image.Image:
     """Open lazily and check the header (format, pixel count, sides) before any pixel is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our max_pixels decides
-        try:
-            im = Image.open(io.BytesIO(data), formats=p.input_formats)
-        except Image.DecompressionBombError as exc:
-            raise Reject("image_too_large_pixels", str(exc)) from None
-        except UnidentifiedImageError:
-            other = identify_format(data)
-            if other:
-                raise Reject("image_unsupported_format", f"{other} is not in input_formats {p.input_formats}") from None
-            raise Reject("image_corrupt", f"not a decodable {'/'.join(p.input_formats)} image") from None
-        except DECODE_ERRORS as exc:
-            raise Reject("image_corrupt", f"header: {type(exc).__name__}: {exc}") from None
+    try:
+        im = Image.open(io.BytesIO(data), formats=p.input_formats)
+    except Image.DecompressionBombError as exc:
+        raise Reject("image_too_large_pixels", str(exc)) from None
+    except UnidentifiedImageError:
+        other = identify_format(data)
+        if other:
+            raise Reject("image_unsupported_format", f"{other} is not in input_formats {p.input_formats}") from None
+        raise Reject("image_corrupt", f"not a decodable {'/'.join(p.input_formats)} image") from None
+    except DECODE_ERRORS as exc:
+        raise Reject("image_corrupt", f"header: {type(exc).__name__}: {exc}") from None
     w, h = im.size
     if w <= 0 or h <= 0:
         raise Reject("image_corrupt", f"header size {w}x{h}")
@@ -77,8 +68,9 @@ def open_image(data: bytes, p: ImageParams) -> Opened:
     if min(w, h) < p.min_side:
         raise Reject("image_too_small", f"{w}x{h}: shorter side < min_side {p.min_side}")
     if max(w, h) / min(w, h) > p.max_aspect:
-        raise Reject("image_bad_aspect", f"{w}x{h}: aspect {max(w, h) / min(w, h):.2f} > max_aspect {p.max_aspect}")
-    return Opened(im, im.format or "")
+        aspect = max(w, h) / min(w, h)
+        raise Reject("image_bad_aspect", f"{w}x{h}: aspect {aspect:.2f} > max_aspect {p.max_aspect}")
+    return im
 
 
 def _require_strict_truncation() -> None:
@@ -185,22 +177,24 @@ class ImageCleaner(ModalityCleaner):
             raise Reject("image_corrupt", "empty or not bytes")
         if len(value) > p.max_raw_bytes:
             raise Reject("image_too_large_bytes", f"{len(value)} bytes > max_raw_bytes {p.max_raw_bytes}")
-        opened = open_image(bytes(value), p)
-        src_w, src_h = opened.image.size
-        with opened.image:
-            rgb = to_rgb(decode_pixels(opened.image, p.max_side), p.icc_to_srgb)
-        rgb.thumbnail((p.max_side, p.max_side), Image.Resampling.LANCZOS)
-        pixels = np.asarray(rgb)
-        grey = work_grey(pixels, p.work_side)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)     # max_pixels decides
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # odd EXIF / tags
+            with open_image(bytes(value), p) as im:
+                src_format, (src_w, src_h) = im.format or "", im.size
+                rgb = to_rgb(decode_pixels(im, max(p.max_side, p.work_side)), p.icc_to_srgb)
+        grey = work_grey(np.asarray(rgb), p.work_side)   # quality checks before the output resize
         std = float(grey.std())
         if std < p.blank_std:
             raise Reject("image_blank", f"grey std {std:.2f} < blank_std {p.blank_std}")
         sharp = sharpness(grey)
         if sharp < p.blur_threshold:
             raise Reject("image_blurry", f"Laplacian variance {sharp:.1f} < blur_threshold {p.blur_threshold}")
+        rgb.thumbnail((p.max_side, p.max_side), Image.Resampling.LANCZOS)
+        pixels = np.asarray(rgb)
         meta = {
             "width": pixels.shape[1], "height": pixels.shape[0], "format": p.format,
-            "src_format": opened.src_format, "src_width": src_w, "src_height": src_h,
+            "src_format": src_format, "src_width": src_w, "src_height": src_h,
             "sharpness": round(sharp, 2), "grey_std": round(std, 2),
         }
         return Cleaned(encode_image(pixels, p.format, p.quality), meta)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -26,10 +27,14 @@ TOKENIZERS: dict[str, Callable[[str], list[str]]] = {
 }
 STOP_WORDS: dict[str, frozenset[str]] = {"english": frozenset(ENGLISH_STOP_WORDS)}
 
-_HTML_MARKUP = re.compile(r"<(?:/?[a-zA-Z][\w:-]*(?:\s[^<>]*)?/?|!--.*?--|!doctype[^<>]*)>|&(?:#\d+|#x[\da-fA-F]+|[a-zA-Z]\w{1,9});", re.S | re.I)
+_HTML_MARKUP = re.compile(  # a tag, a comment, a doctype or an entity
+    r"<(?:/?[a-zA-Z][\w:-]*(?:\s[^<>]*)?/?|!--.*?--|!doctype[^<>]*)>|&(?:#\d+|#x[\da-fA-F]+|[a-zA-Z]\w{1,9});",
+    re.S | re.I,
+)
 _HTML_PAGE = re.compile(r"<(?:!doctype\s+html|html|body|head)[\s>]", re.I)
 _NEWLINES = re.compile(r"\r\n?|[\u2028\u2029\x85\x0b\x0c]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
+_XML_INVALID = re.compile("[\x00-\x08\x0e-\x1f\ufffe\uffff]")   # lxml refuses these in any string
 _KEEP_FORMAT = {"\u200c", "\u200d"}  # ZWNJ / ZWJ carry meaning in several scripts and emoji
 _DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}
 _BLOCK_TAGS = {
@@ -150,7 +155,7 @@ class LanguageFilter:
         self.identifier = language_identifier()
         unknown = sorted(set(languages) - set(self.identifier.labels))
         if unknown:
-            raise ValueError(f"cleanup.text: unknown language codes {unknown}; py3langid knows ISO 639-1 codes such as en, de, fr")
+            raise ValueError(f"cleanup.text: unknown language codes {unknown}; use ISO 639-1 codes such as en, de, fr")
         self.languages = set(languages)
         self.min_prob = min_prob
         self.sample_chars = sample_chars
@@ -183,19 +188,24 @@ class TextCleaner(ModalityCleaner):
     def __init__(self, params: TextParams | dict | None = None, context=None):
         super().__init__(params, context)
         p: TextParams = self.params
+        # Junk input is expected here and recorded as rejects; trafilatura would log each as an ERROR.
+        logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
         self.tokenize = TOKENIZERS[p.tokenizer]
         self.stop_words = STOP_WORDS[p.stopwords] if p.remove_stopwords else frozenset()
-        self.language = LanguageFilter(p.languages, p.language_min_prob, p.language_sample_chars) if p.languages else None
+        self.language = None
+        if p.languages:
+            self.language = LanguageFilter(p.languages, p.language_min_prob, p.language_sample_chars)
 
     def clean(self, value: Any) -> Cleaned:
         p: TextParams = self.params
-        if isinstance(value, (bytes, bytearray)):
-            value = bytes(value).decode("utf-8", errors="replace")
-        if not isinstance(value, str):
+        if not isinstance(value, (str, bytes, bytearray)):
             raise Reject("text_corrupt", f"expected a string, got {type(value).__name__}")
-        if len(value) > p.max_raw_chars:
+        if len(value) > p.max_raw_chars:  # bytes: at least one per character, so this never under-counts
             raise Reject("text_too_large", f"{len(value)} raw characters > max_raw_chars {p.max_raw_chars}")
+        if not isinstance(value, str):
+            value = bytes(value).decode("utf-8", errors="replace")
         value = value.encode("utf-8", errors="ignore").decode("utf-8")  # lone surrogates out
+        value = _XML_INVALID.sub("", _NEWLINES.sub("\n", value))        # before any parser sees it
         extracted = extract_text(value, p.html, p.extract_main)
         text = normalise(extracted.text, p.unicode_form, p.keep_newlines)
         if p.lowercase:

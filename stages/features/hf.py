@@ -40,7 +40,10 @@ def resolve_model_dir(model: str, modality: str) -> Path:
         from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        cached = try_to_load_from_cache(model, "config.json")
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except ValueError:   # not a valid hub id either
+            cached = None
         if not isinstance(cached, str):
             raise MissingWeights(f"model {model!r} is neither a directory ({path.resolve()}) nor in the Hugging Face "
                                  f"cache {HF_HUB_CACHE}; {how_to_provide(modality)}")

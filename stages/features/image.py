@@ -145,8 +145,9 @@ class TorchvisionImageEncoder(TorchEncoder):
         try:
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except RuntimeError as exc:
+            lines = str(exc).strip().splitlines()
             raise ValueError(f"{self.weights_path} does not hold {self.params.arch} weights: "
-                             f"{str(exc).splitlines()[1:2]}") from None
+                             f"{lines[min(1, len(lines) - 1)].strip()[:200]}") from None
         strip_head(model)
         return model
 
@@ -156,7 +157,7 @@ class TorchvisionImageEncoder(TorchEncoder):
 
         out = []
         for v in values:
-            img = torch.from_numpy(np.ascontiguousarray(decode_image(v))).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(decode_image(v))).permute(2, 0, 1)   # a writable copy
             img = F.center_crop(F.resize(img, [self.params.resize_size], antialias=True), [self.params.crop_size])
             out.append(img.numpy())
         return out
@@ -184,7 +185,7 @@ class HFVisionEncoder(HFEncoder):
         self.processor = load_companion(AutoImageProcessor.from_pretrained, self.model_dir, "image processor", "image")
 
     def preprocess(self, values: list[Any]) -> list[Any]:
-        pixels = self.processor(images=[decode_image(v) for v in values], return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=[np.array(decode_image(v)) for v in values], return_tensors="pt")["pixel_values"]
         return list(pixels.float().numpy())
 
     def forward(self, prepped: list[Any]) -> torch.Tensor:

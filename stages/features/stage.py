@@ -46,13 +46,15 @@ class EncoderStage(Stage):
         values = batch[self.modality]
         try:
             return dict(zip(rows, self.encoder.preprocess([values[i] for i in rows]), strict=True))
-        except Exception:  # find the bad rows one by one; the rest of the batch goes on
-            pass
+        except Exception:  # one bad value fails the whole call: go row by row to find and reject it
+            return self._prepare_each(batch, rows)
+
+    def _prepare_each(self, batch: Batch, rows: list[int]) -> dict[int, Any]:
         out: dict[int, Any] = {}
         for i in rows:
             try:
-                out[i] = self.encoder.preprocess([values[i]])[0]
-            except Exception as exc:
+                out[i] = self.encoder.preprocess([batch[self.modality][i]])[0]
+            except Exception as exc:  # a decoder error on one row must not sink the job: record it
                 self.reject(batch, i, f"{self.modality}_preprocess_error", f"{type(exc).__name__}: {exc}")
         return out
 

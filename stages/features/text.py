@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from stages.features.base import Encoder, EncoderParams, register_encoder
-from stages.features.hf import HFEncoder, HFParams, load_companion
+from stages.features.base import Encoder, EncoderParams, MissingWeights, register_encoder
+from stages.features.hf import HFEncoder, HFParams, how_to_provide, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
 from stages.features.torch_encoder import masked_mean, pad_stack
 from stages.registry import register_stage
@@ -74,6 +74,9 @@ class HFTextEncoder(HFEncoder):
         from transformers import AutoTokenizer
 
         self.tokenizer = load_companion(AutoTokenizer.from_pretrained, self.model_dir, "tokenizer", "text")
+        # Without tokenizer files transformers builds one of special tokens only: every word would be [UNK].
+        if len(self.tokenizer) <= len(self.tokenizer.all_special_tokens):
+            raise MissingWeights(f"no tokenizer in {self.model_dir.resolve()} (no vocabulary file); {how_to_provide('text')}")
 
     def preprocess(self, values: list[Any]) -> list[Any]:
         """Token ids per text, truncated, unpadded: padding happens per sub-batch in ``forward``."""

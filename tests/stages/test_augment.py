@@ -136,14 +136,15 @@ def test_lineage_replays_byte_identical():
     assert all(fired.values()), fired
 
 
-def test_rows_not_live_for_a_modality_are_skipped(stages_always):
-    batch = AugmentCopies({"copies": 1})(make_batch(["train", "train"]))
-    batch["redo"][1] = "text"         # row0's copy: only text is recomputed this run
+def test_rejected_rows_and_absent_media_are_skipped(stages_always):
+    batch = AugmentCopies({"copies": 1})(make_batch(["train", "train", "train"]))
+    batch["redo"][1] = "text"         # row0's copy: still augmented (a copy is rebuilt whole)
     batch["image"][3] = None          # row1's copy has no image
-    image = stages_always[0]
-    out = image(batch)
-    assert out["image"][1] == media()["image"] and out["aug_params"][1] == "{}"
-    assert out["image"][3] is None
+    batch["reject_stage"][5], batch["reject_reason"][5] = "dedup", "duplicate"   # row2's copy
+    out = stages_always[0](batch)
+    assert out["image"][1] != media()["image"] and "image" in json.loads(out["aug_params"][1])
+    assert out["image"][3] is None and out["aug_params"][3] == "{}"
+    assert out["image"][5] == media()["image"] and out["aug_params"][5] == "{}"
 
 
 def test_unknown_op_is_a_config_error():

@@ -18,7 +18,8 @@ PAGE = """<!DOCTYPE html>
 <style>body { font-family: STYLE_TEXT_SHOULD_GO; }</style>
 <script>var tracker = "SCRIPT_TEXT_SHOULD_GO";</script></head>
 <body>
-<nav><ul><li><a href="/">Home</a></li><li><a href="/about">About us</a></li><li><a href="/shop">Shop now</a></li></ul></nav>
+<nav><ul><li><a href="/">Home</a></li><li><a href="/about">About us</a></li>
+<li><a href="/shop">Shop now</a></li></ul></nav>
 <main><article>
 <h1>River otters are playful</h1>
 <p>River otters live in rivers and lakes across North America. They are known for sliding down
@@ -77,7 +78,8 @@ def test_page_falls_back_to_tag_strip_when_extraction_finds_nothing(monkeypatch)
 
 
 def test_fragment_strip_tags_entities_and_block_breaks():
-    out = TextCleaner().clean("intro<p>Caf&eacute;&nbsp;<b>au</b> lait&#33;</p><script>x()</script><div>next</div><!-- hidden -->")
+    raw = "intro<p>Caf&eacute;&nbsp;<b>au</b> lait&#33;</p><script>x()</script><div>next</div><!-- hidden -->"
+    out = TextCleaner().clean(raw)
     assert [line for line in out.value.split("\n") if line] == ["intro", "Café au lait!", "next"]
     assert out.meta["html"] == "fragment"
 

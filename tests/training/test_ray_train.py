@@ -1,0 +1,64 @@
+"""Ray Train V2: a 2-worker CPU DDP run, recovery from a killed worker, and predict round-trip."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_features, small_config, write_store
+from training.data import read_features
+from training.predict import load_model, predict_table
+from training.train import FAULT_ENV, train
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=bool(os.environ.get("RAY_LOGS")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    store = write_store(tmp_path_factory.mktemp("ray_store"), make_features(n=240))
+    cfg = small_config(engine="ray", epochs=3, fusion="attention")
+    return store, train(cfg, store, name="ddp")
+
+
+def test_two_worker_run_writes_model_metrics_and_plots(trained):
+    store, result = trained
+    assert result.model_dir.name == "ddp"
+    for f in ("metrics.json", "model.pt", "confusion_matrix.png", "training_curves.png", "modality_weights.png"):
+        assert (result.model_dir / f).stat().st_size > 0, f
+    metrics = json.loads((result.model_dir / "metrics.json").read_text())
+    assert metrics["fusion"] == "attention" and metrics["num_workers"] == 2 and metrics["engine"] == "ray"
+    assert len(metrics["history"]) == 3 and 0 <= metrics["best_epoch"] < 3
+    assert metrics["accuracy"] > 0.4   # well above chance (0.25) after 3 tiny epochs
+    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["n"]
+
+
+def test_predict_table_reproduces_the_test_accuracy(trained):
+    store, result = trained
+    table = read_features(store)
+    test = table.filter((table["split"].to_numpy(zero_copy_only=False) == "test") & (table["aug"].to_numpy() == 0))
+    out = predict_table(result.model_dir, test)
+    classes = load_model(result.model_dir).classes
+    assert out.column_names == ["id", "prediction", *[f"p_{c}" for c in classes]]
+    probs = np.stack([out[f"p_{c}"].to_numpy() for c in classes], axis=1)
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    accuracy = np.mean(np.asarray(out["prediction"].to_pylist()) == np.asarray(test["label"].to_pylist()))
+    assert accuracy == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
+    store = write_store(tmp_path / "store", make_features(n=160, seed=3))
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")   # the last worker os._exit()s at epoch 2, once
+    result = train(small_config(engine="ray", epochs=4, patience=10, max_failures=1), store, name="crashy")
+    assert marker.exists()
+    assert result.metrics["resumed_at"] and result.metrics["resumed_at"][0] > 0
+    assert [h["epoch"] for h in result.metrics["history"]] == [0, 1, 2, 3]
