@@ -29,7 +29,9 @@ class StoreBusy(RuntimeError):
 def _storage_options(uri: str) -> dict[str, str] | None:
     if not uri.startswith("s3://"):
         return None
-    opts = {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}   # mmpipe's own store lock serialises writers
+    # Delta commits use S3's create-if-absent put (AWS S3, MinIO, moto all support it), so two
+    # writers can never both commit one table version, even past mmpipe's own store lease.
+    opts = {"aws_conditional_put": "etag"}
     for key in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         if os.environ.get(key):
             opts[key] = os.environ[key]
@@ -75,7 +77,24 @@ class Store:
     # -- locking ----------------------------------------------------------------------------
     @contextmanager
     def lock(self, run_id: str) -> Iterator[None]:
-        """Refuse a second concurrent writer. Local: an flock, released by the OS if the run dies."""
+        """Refuse a second concurrent writer. Local: an flock, released by the OS if the run dies.
+        S3: a lease object ``_lock.json`` (conditional put, heartbeat, stale-lease takeover)."""
+        if self.uri.startswith("s3://"):
+            from pipeline.config import ConfigError
+            from pipeline.lease import LeaseHeld, LeaseUnavailable, S3Lease
+
+            lease = S3Lease(self.uri_of("_lock.json"), run_id)
+            try:
+                lease.acquire()
+            except LeaseHeld as exc:
+                raise StoreBusy(f"store {self.uri} is being written by {exc}; wait for it to finish") from None
+            except LeaseUnavailable as exc:
+                raise ConfigError(f"cannot write store {self.uri}: {exc}") from None
+            try:
+                yield
+            finally:
+                lease.release()
+            return
         import fcntl
 
         path = self.local_dir() / ".lock"
@@ -144,8 +163,8 @@ class Store:
         tomb = pa.table({c: delete_keys[c] if c in keys else pa.nulls(delete_keys.num_rows, schema.field(c).type)
                          for c in schema.names})
         source = pa.concat_tables([
-            new.append_column("_delete", pa.array([False] * new.num_rows)),
-            tomb.append_column("_delete", pa.array([True] * tomb.num_rows)),
+            new.append_column("_delete", pa.array([False] * new.num_rows, pa.bool_())),
+            tomb.append_column("_delete", pa.array([True] * tomb.num_rows, pa.bool_())),
         ])
         predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
         (dt.merge(source, predicate, source_alias="s", target_alias="t", commit_properties=props)

@@ -16,9 +16,9 @@ __all__ = ["ENCODERS", "Encoder", "EncoderParams", "MissingWeights", "feature_di
 
 
 def plan_feature_stages(modality: str, encoder: str, options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """The ordered (stage name, params) to run for this encoder; validates the options now."""
+    """The ordered (stage name, params) to run for this encoder (each stage's ``fingerprint``
+    validates the options and checks the model files)."""
     cls = get_encoder(modality, encoder)
-    cls.Params.model_validate(options or {})
     params = {"encoder": encoder, "options": dict(options or {})}
     stage = f"features.{modality}"
     return [(f"{stage}.prep", params), (stage, params)] if cls.pretrained else [(stage, params)]

@@ -16,8 +16,10 @@ from stages.base import MODALITIES
 from stages.registry import registry
 
 
-class MissingWeights(FileNotFoundError):
-    """A pretrained encoder's files are not on this machine; the message says where we looked."""
+class MissingWeights(FileNotFoundError, ValueError):
+    """A pretrained encoder's files are not on this machine; the message says where we looked.
+
+    A ValueError too, so plan building reports it as a bad parameter (one line, no traceback)."""
 
 
 class EncoderParams(BaseModel):

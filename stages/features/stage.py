@@ -37,9 +37,13 @@ class EncoderStage(Stage):
 
     @classmethod
     def fingerprint(cls, params: StageParams | dict | None = None) -> str:
+        """Name, version and options of the encoder. Computing it validates the options and checks
+        that a pretrained model's files are there (``dim_for``), so a plan fails before data moves."""
         p = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
         enc = get_encoder(cls.modality, p.encoder)
-        return fingerprint_of(cls.name, cls.version, enc.fingerprint_params(enc.Params.model_validate(p.options)))
+        options = enc.Params.model_validate(p.options)
+        enc.dim_for(options)   # raises MissingWeights (a ValueError) naming the path looked at
+        return fingerprint_of(cls.name, cls.version, enc.fingerprint_params(options))
 
     def prepare(self, batch: Batch, rows: list[int]) -> dict[int, Any]:
         """Row index -> payload. A row whose value cannot be preprocessed is rejected, not fatal."""

@@ -200,5 +200,6 @@ def test_plan_feature_stages():
     params = {"encoder": "hf_text", "options": {"model": "/models/bert"}}
     assert plan_feature_stages("text", "hf_text", {"model": "/models/bert"}) == [
         ("features.text.prep", params), ("features.text", params)]
+    [(name, params)] = plan_feature_stages("audio", "logmel", {"n_mels": "many"})
     with pytest.raises(ValidationError):
-        plan_feature_stages("audio", "logmel", {"n_mels": "many"})
+        get_stage(name).fingerprint(params)

@@ -181,6 +181,9 @@ def test_missing_model_dir_names_the_path(tmp_path):
     assert "stages.features.text.params.model" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(MissingWeights, match=str(missing)):
         feature_dim("audio", "hf_audio", {"model": str(missing)})
+    params = {"encoder": "hf_text", "options": {"model": str(missing)}}
+    with pytest.raises(ValueError, match=str(missing)):   # plan building reports ValueErrors as config errors
+        get_stage("features.text").fingerprint(params)
     with pytest.raises(MissingWeights, match="Hugging Face cache"):
         get_encoder("image", "hf_vision")({"model": "org/not-cached-model"})
 

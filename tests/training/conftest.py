@@ -8,9 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.config import Config
 from pipeline.schema import FEATURES_SCHEMA
+
+torch.set_num_threads(1)   # tiny models: intra-op threads only fight over the 2 shared cores
 
 DIMS = {"image": 8, "text": 12, "audio": 6}
 CLASSES = ["c0", "c1", "c2", "c3"]
@@ -25,8 +28,8 @@ def make_features(n: int = 480, seed: int = 0, missing: float = 0.2, aug_copies:
 
     def embed(labels: np.ndarray) -> dict[str, np.ndarray]:
         k = len(labels)
-        img = np.where(labels // 2 == 0, 1.0, -1.0)[:, None] * dirs["image"] + rng.normal(0, 0.7, (k, 8))
-        txt = np.where(labels % 2 == 0, 1.0, -1.0)[:, None] * dirs["text"] + rng.normal(0, 0.7, (k, 12))
+        img = np.where(labels // 2 == 0, 1.0, -1.0)[:, None] * dirs["image"] + rng.normal(0, 0.5, (k, 8))
+        txt = np.where(labels % 2 == 0, 1.0, -1.0)[:, None] * dirs["text"] + rng.normal(0, 0.5, (k, 12))
         aud = audio_centres[labels] + rng.normal(0, 1.0, (k, 6))
         return {"image": img, "text": txt, "audio": aud}
 

@@ -1,0 +1,140 @@
+"""Incremental reprocessing: idempotence, only-what-changed, removals, equality with a fresh run,
+time travel, and one writer at a time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from deltalake import DeltaTable
+
+from pipeline.demo import _audio, _image, make_demo
+from pipeline.runner import run
+from pipeline.store import Store, StoreBusy
+from tests.pipeline.helpers import config
+
+N = 100
+
+
+def rows_of(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines()]
+
+
+def write_rows(manifest: Path, rows: list[dict]) -> None:
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def features(store: Path, version: int | None = None) -> dict:
+    t = DeltaTable(str(store / "features"), version=version).to_pyarrow_table()
+    return {(r["id"], r["aug"]): r for r in t.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, ray_session):
+    folder = tmp_path_factory.mktemp("inc")
+    manifest = make_demo(folder / "data", n=N)
+    rows = [r for r in rows_of(manifest) if r["id"].startswith("s")][:N]   # good rows only
+    write_rows(manifest, rows)
+    return folder, manifest
+
+
+@pytest.fixture
+def own(base, request):
+    """Each test edits its own copy of the manifest (media stay shared, next to it)."""
+    folder, manifest = base
+    mine = manifest.with_name(f"manifest-{request.node.name}.jsonl")
+    mine.write_text(manifest.read_text())
+    return folder, mine
+
+
+def go(folder: Path, manifest: Path, store: Path, overrides: dict | None = None) -> dict:
+    return run(config(folder, manifest, store, overrides), log=lambda s: None).record
+
+
+def test_second_identical_run_processes_nothing(own, tmp_path):
+    folder, manifest = own
+    first = go(folder, manifest, tmp_path / "s")
+    assert first["counts"]["processed"] == N
+    second = go(folder, manifest, tmp_path / "s")
+    assert second["counts"]["processed"] == 0 and second["counts"]["unchanged"] == N
+    assert second["versions"] == {"features": None, "rejects": None}   # no new commit either
+
+
+def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path):
+    folder, manifest = own
+    store = tmp_path / "s"
+    go(folder, manifest, store)
+    v0 = DeltaTable(str(store / "features")).version()
+    before = features(store)
+    rows = rows_of(manifest)
+    # change 5 inputs: 2 texts, 2 images (new files), 1 audio
+    rng = np.random.default_rng(7)
+    rows[0]["text"] = "a brand new caption about pine trees and moss"
+    rows[1]["text"] = "another new caption with waves and coral"
+    for k in (2, 3):
+        p = manifest.parent / f"media/changed{k}.jpg"
+        p.write_bytes(_image(rows[k]["label"], rng))
+        rows[k]["image"] = f"media/changed{k}.jpg"
+    p = manifest.parent / "media/changed4.wav"
+    p.write_bytes(_audio(rows[4]["label"], rng))
+    rows[4]["audio"] = "media/changed4.wav"
+    for k in (0, 1, 2, 3, 4):
+        assert all(m in rows[k] for m in ("image", "text", "audio")) or True
+    write_rows(manifest, rows)
+    rec = go(folder, manifest, store)
+    assert rec["counts"]["processed"] == 5 and rec["counts"]["unchanged"] == N - 5
+    after = features(store)
+    changed_ids = {rows[k]["id"] for k in range(5)}
+    for key, row in after.items():
+        if key[0] not in changed_ids:
+            assert row["run_id"] == before[key]["run_id"], "an unchanged row was rewritten"
+    # delete 3 inputs
+    gone = {r["id"] for r in rows[-3:]}
+    write_rows(manifest, rows[:-3])
+    rec = go(folder, manifest, store)
+    assert rec["counts"]["removed"] == 3 and rec["counts"]["processed"] == 0
+    ids_now = {k[0] for k in features(store)}
+    assert not ids_now & gone and len(ids_now) == N - 3
+    # the incremental result equals a from-scratch run on the final input
+    fresh = tmp_path / "fresh"
+    go(folder, manifest, fresh)
+    a, b = features(store), features(fresh)
+    assert a.keys() == b.keys()
+    for key in a:
+        for col in ("label", "split", "has_image", "has_text", "has_audio", "sha_sample", "fp_image", "fp_text", "fp_audio"):
+            assert a[key][col] == b[key][col], (key, col)
+        for m in ("image", "text", "audio"):
+            np.testing.assert_allclose(a[key][f"{m}_emb"], b[key][f"{m}_emb"], rtol=1e-5, atol=1e-6)
+    # time travel: the first version still has the deleted ids
+    old = features(store, version=v0)
+    assert gone <= {k[0] for k in old}
+    assert Store(str(store)).read("features", version=v0).num_rows == len(old)
+
+
+def test_changing_only_the_audio_encoder_recomputes_audio_only(own, tmp_path):
+    folder, manifest = own
+    store = tmp_path / "s"
+    go(folder, manifest, store)
+    before = features(store)
+    rec = go(folder, manifest, store, {"stages": {"features": {"audio": {"encoder": "logmel", "params": {"n_mfcc": 13}}}}})
+    # every row's audio lineage changed (the dimension too: 20 -> 13 MFCCs), nothing else did
+    assert rec["counts"]["processed"] == N and rec["counts"]["partial"] == N
+    assert rec["dims"]["audio"] < len(next(iter(before.values()))["audio_emb"])
+    after = features(store)
+    assert after.keys() == before.keys()
+    assert {len(r["audio_emb"]) for r in after.values()} == {rec["dims"]["audio"]}
+    for key, row in after.items():
+        assert row["image_emb"] == before[key]["image_emb"] and row["text_emb"] == before[key]["text_emb"]
+        assert row["fp_image"] == before[key]["fp_image"] and row["fp_text"] == before[key]["fp_text"]
+        assert row["fp_audio"] != before[key]["fp_audio"]
+        assert row["has_audio"] == before[key]["has_audio"]
+
+
+def test_second_writer_is_refused(own, tmp_path):
+    folder, manifest = own
+    store = Store(str(tmp_path / "s"))
+    with store.lock("holder"):
+        with pytest.raises(StoreBusy, match="being written"):
+            go(folder, manifest, tmp_path / "s")
