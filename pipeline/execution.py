@@ -13,6 +13,7 @@ import ray
 
 from pipeline.config import Config, Resources
 from pipeline.plan import StageSpec
+from pipeline.schema import normalize_batch
 from stages.base import Batch, StageContext, num_rows, object_column
 
 
@@ -54,8 +55,7 @@ class StageChain:
         self.metrics = _stage_metrics()
 
     def __call__(self, batch: Batch) -> Batch:
-        # Fixed-width numpy strings would truncate what stages write back: use object columns.
-        batch = {k: v.astype(object) if v.dtype.kind in "US" else v for k, v in batch.items()}
+        batch = normalize_batch(batch)
         stats: dict[str, list[float]] = {}
         for stage in self.stages:
             start, n_in = time.perf_counter(), num_rows(batch)

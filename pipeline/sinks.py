@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
+from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch
 from pipeline.store import Store
 from stages.base import MODALITIES, Batch, num_rows
 from stages.media import image_format
@@ -82,6 +82,7 @@ class RunSink:
         self._schema = FEATURES_SCHEMA.append(pa.field("keep", pa.string()))
 
     def add(self, batch: Batch) -> None:
+        batch = normalize_batch(batch)
         n = num_rows(batch)
         if n == 0:
             return

@@ -16,7 +16,6 @@ import pytest
 import ray
 import yaml
 from deltalake import DeltaTable
-from moto.server import ThreadedMotoServer
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError, load_config
@@ -37,20 +36,39 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto in server mode, with the AWS_* variables every client here (pyarrow, deltalake,
-    boto3, subprocesses, Ray workers) reads."""
+    """moto in server mode on loopback, with the AWS_* variables every client here (pyarrow,
+    deltalake, boto3, subprocesses, Ray workers) reads.
+
+    The server runs in its own process, as S3 would: served from a thread of the writing
+    process (``ThreadedMotoServer``), pyarrow's multipart shard uploads stall for minutes."""
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
-    server.stop()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            mp.delenv("AWS_PROFILE", raising=False)
+            _wait_until_up(port)
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_until_up(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def keys(prefix: str) -> list[str]:
