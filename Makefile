@@ -39,7 +39,7 @@ test-slow: install
 	$(VENV)/bin/pytest -q -m slow
 
 test-cluster: install
-	$(VENV)/bin/pytest -q -m cluster
+	$(VENV)/bin/pytest -q -m cluster tests/cluster
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu

@@ -159,7 +159,8 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     errors = _user_errors()
     try:
-        app(standalone_mode=False)
+        # Non-standalone click returns (not raises) the code of a typer.Exit.
+        sys.exit(app(standalone_mode=False) or 0)
     except errors as exc:
         typer.echo(f"mmpipe: error: {exc}", err=True)
         sys.exit(2)

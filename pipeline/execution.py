@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -32,7 +33,8 @@ def init_ray(cfg: Config) -> dict[str, Any]:
                 kwargs["_metrics_export_port"] = cfg.ray.metrics_export_port
         ray.init(**kwargs)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = cfg.ray.progress_bars
+        # Progress bars on a terminal; in logs (CI, jobs) they are noise.
+        ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
     res = ray.cluster_resources()
     info = {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0))}
     try:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from pipeline.config import ConfigError
+
 # gitignore-style patterns (Ray's runtime_env "excludes"), relative to the working dir.
 DEFAULT_EXCLUDES = [".venv/", "venv/", ".git/", "store/", "data/", "models/", "benchmarks/results/",
                     "**/__pycache__/", "*.tar", "*.parquet", ".pytest_cache/", "*.egg-info/"]
@@ -24,8 +26,9 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
-class JobError(Exception):
-    """A user-facing failure talking to the cluster (printed as one line)."""
+class JobError(ConfigError):
+    """A user-facing failure: unreachable cluster, unknown job, a job that failed. The CLI prints
+    it as one line and exits non-zero (it is a ConfigError so ``mmpipe``'s handler catches it)."""
 
 
 @dataclass
@@ -46,9 +49,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _excluded(rel: Path, excludes: list[str]) -> bool:
-    import pathspec       # what Ray itself uses to apply runtime_env excludes
+    """Whether Ray's upload skips ``rel``: the same matcher on the file and each parent folder."""
+    from ray._private.thirdparty.pathspec import PathSpec   # the copy Ray applies to "excludes"
 
-    return pathspec.PathSpec.from_lines("gitwildmatch", excludes).match_file(rel.as_posix())
+    spec = PathSpec.from_lines("gitwildmatch", excludes)
+    return any(spec.match_file(p.as_posix()) for p in (rel, *rel.parents) if p != Path("."))
 
 
 def _job_path(value: str, working_dir: Path, excludes: list[str], what: str, notes: list[str]) -> str:
@@ -59,7 +64,7 @@ def _job_path(value: str, working_dir: Path, excludes: list[str], what: str, not
     path = Path(value).expanduser().resolve()
     if _inside(path, working_dir):
         rel = path.relative_to(working_dir.resolve())
-        if not _excluded(rel, excludes) and not (path.is_dir() and _excluded(Path(f"{rel}/"), excludes)):
+        if not _excluded(rel, excludes):
             return rel.as_posix()
     notes.append(f"{what} {path} is not uploaded with the working dir: it must exist at that path on the cluster")
     return str(path)
@@ -81,12 +86,12 @@ def build_job(config: Path, working_dir: Path, input: Optional[str] = None, stor
     args = ["mmpipe", "run", config.relative_to(working_dir).as_posix()]
     if input:
         args += ["--input", _job_path(input, working_dir, all_excludes, "input", notes)]
-    if store:
-        args += ["--store", _job_path(store, working_dir, all_excludes, "store", notes) if "://" in store
-                 else str(Path(store).expanduser().resolve())]
-        if "://" not in store:
-            notes.append(f"store {Path(store).resolve()} is a local path: every node must share it "
-                         "(prefer an s3:// store on a real cluster)")
+    if store and "://" in store:
+        args += ["--store", store]
+    elif store:        # never inside the uploaded copy: that folder is thrown away after the job
+        local = Path(store).expanduser().resolve()
+        args += ["--store", str(local)]
+        notes.append(f"store {local} is a local path: every node must share it (prefer s3:// on a real cluster)")
     for item in overrides:
         args += ["--set", item]
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": all_excludes}
@@ -180,13 +185,14 @@ async def _follow(job_client, job_id, echo, status_echo, timeout_s, poll_s) -> N
 
 
 # -- the commands -------------------------------------------------------------------------------
-def _fail(message: str) -> None:
-    typer.echo(f"mmpipe: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 AddressOpt = typer.Option(None, "--address", help="Ray dashboard / job server, e.g. http://HOST:8265 "
                                                   "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)")
+
+
+def _raise_unless_succeeded(jc, job_id: str, final: str) -> None:
+    if final != "SUCCEEDED":
+        message = (_call(jc.get_job_info, job_id).message or "").strip()
+        raise JobError(f"job {job_id} {final}" + (f": {message.splitlines()[-1]}" if message else ""))
 
 
 def register(app: typer.Typer, config_loader: Callable) -> None:
@@ -205,15 +211,12 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
                pip: list[str] = typer.Option([], "--pip", help="Extra pip requirement for the job (repeatable)"),
                env: list[str] = typer.Option([], "--env", help="NAME or NAME=VALUE to set in the job (repeatable)"),
                submission_id: Optional[str] = typer.Option(None, "--id", help="Job id to use")) -> None:
-        """Submit ``mmpipe run`` to a Ray cluster through the Ray Jobs API; prints the job id."""
+        """Submit `mmpipe run` to a Ray cluster through the Ray Jobs API; prints the job id."""
         config_loader(config, set_, source__path=input, store=store)     # fail here, not on the cluster
-        try:
-            spec = build_job(config, working_dir, input, store, set_, exclude, pip, forwarded_env(env))
-            jc = client(address)
-            job_id = _call(jc.submit_job, entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
-                           submission_id=submission_id, metadata={"mmpipe.config": config.name})
-        except JobError as exc:
-            _fail(str(exc))
+        spec = build_job(config, working_dir, input, store, set_, exclude, pip, forwarded_env(env))
+        jc = client(address)
+        job_id = _call(jc.submit_job, entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
+                       submission_id=submission_id, metadata={"mmpipe.config": config.name})
         for note in spec.notes:
             typer.echo(f"mmpipe: note: {note}", err=True)
         typer.echo(job_id)
@@ -221,52 +224,35 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
             typer.echo(f"follow it with: mmpipe logs {job_id} --follow --address {resolve_address(address)}", err=True)
             return
         start = time.monotonic()
-        try:
-            final = follow(jc, job_id, lambda s: typer.echo(s, nl=False),
-                           lambda s: typer.echo(f"[{time.monotonic() - start:6.1f}s] {s}", err=True), timeout)
-        except JobError as exc:
-            _fail(str(exc))
-        if final != "SUCCEEDED":
-            info = _call(jc.get_job_info, job_id)
-            _fail(f"job {job_id} {final}: {_first_line(Exception(info.message or 'no message'))}")
+        final = follow(jc, job_id, lambda s: typer.echo(s, nl=False),
+                       lambda s: typer.echo(f"[{time.monotonic() - start:6.1f}s] {s}", err=True), timeout)
+        _raise_unless_succeeded(jc, job_id, final)
 
     @app.command()
     def status(job: str = typer.Argument(..., help="Job (submission) id"), address: Optional[str] = AddressOpt) -> None:
         """Show a submitted job's status."""
-        try:
-            info = _call(client(address).get_job_info, job)
-        except JobError as exc:
-            _fail(str(exc))
+        info = _call(client(address).get_job_info, job)
         typer.echo(f"{job}: {info.status}")
         for label, value in (("entrypoint", info.entrypoint), ("message", info.message),
                              ("started", _when(info.start_time)), ("ended", _when(info.end_time))):
             if value:
                 typer.echo(f"  {label}: {value}")
-        if str(info.status) in {"FAILED", "STOPPED"}:
-            raise typer.Exit(1)
 
     @app.command()
     def logs(job: str = typer.Argument(..., help="Job (submission) id"), address: Optional[str] = AddressOpt,
              follow_: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends")) -> None:
         """Print a submitted job's log (driver output)."""
-        try:
-            jc = client(address)
-            if not follow_:
-                typer.echo(_call(jc.get_job_logs, job), nl=False)
-                return
-            final = follow(jc, job, lambda s: typer.echo(s, nl=False), lambda s: typer.echo(s, err=True))
-        except JobError as exc:
-            _fail(str(exc))
-        if final != "SUCCEEDED":
-            raise typer.Exit(1)
+        jc = client(address)
+        if not follow_:
+            typer.echo(_call(jc.get_job_logs, job), nl=False)
+            return
+        final = follow(jc, job, lambda s: typer.echo(s, nl=False), lambda s: typer.echo(s, err=True))
+        _raise_unless_succeeded(jc, job, final)
 
     @app.command()
     def stop(job: str = typer.Argument(..., help="Job (submission) id"), address: Optional[str] = AddressOpt) -> None:
         """Ask the cluster to stop a submitted job."""
-        try:
-            stopped = _call(client(address).stop_job, job)
-        except JobError as exc:
-            _fail(str(exc))
+        stopped = _call(client(address).stop_job, job)
         typer.echo(f"{job}: stop requested" if stopped else f"{job}: already finished")
 
 

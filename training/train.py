@@ -111,6 +111,20 @@ def _ray_storage(store: str) -> str:
     return f"{store}/models/_ray" if "://" in store else str(Path(store).resolve() / "models" / "_ray")
 
 
+def _cpus_per_worker(tc: TrainingConfig) -> float:
+    """Leave one CPU to Ray Data (it feeds the workers): otherwise its shuffle never gets scheduled
+    and the run hangs, e.g. 2 workers x 1 CPU on a 2-CPU machine."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1.0)
+    if tc.num_workers * tc.cpus_per_worker <= total - 1:
+        return tc.cpus_per_worker
+    cpus = max(0.1, (total - 1) / tc.num_workers) if total > 1 else total / (2 * tc.num_workers)
+    log.warning("training.cpus_per_worker=%s would leave no CPU for Ray Data on this %s-CPU cluster; using %.2f",
+                tc.cpus_per_worker, total, cpus)
+    return cpus
+
+
 def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
     import ray
     import ray.train
@@ -119,6 +133,7 @@ def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: s
     if not ray.is_initialized():
         ray.init()
     storage, name = run_dir.rsplit("/", 1)
+    cpus = _cpus_per_worker(tc)
     per_worker = math.ceil(n_rows(data.train) // tc.num_workers / tc.batch_size)   # equal split
     trainer = TorchTrainer(
         ray_train_loop,
@@ -126,7 +141,7 @@ def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: s
                            "weights": class_weights(data, tc.class_weights), "steps_per_epoch": max(per_worker, 1),
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                               resources_per_worker={"CPU": tc.cpus_per_worker,
+                                               resources_per_worker={"CPU": cpus,
                                                                      **({"GPU": 1} if tc.use_gpu else {})}),
         datasets={"train": train_dataset(data.train, tc.seed)},
         run_config=ray.train.RunConfig(name=name, storage_path=storage,

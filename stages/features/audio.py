@@ -5,7 +5,6 @@ from typing import Any, ClassVar
 
 import librosa
 import numpy as np
-import torch
 from pydantic import Field
 
 from stages.features.base import Encoder, EncoderParams, register_encoder
@@ -111,6 +110,8 @@ class HFAudioEncoder(HFEncoder):
     def forward(self, prepped: list[Any]) -> torch.Tensor:
         if prepped[0].ndim > 1 or self.use_mask:   # fixed-size features, or a model that honours the mask
             return self._pooled(prepped)
+        import torch
+
         out = torch.empty((len(prepped), self.dim), device=self.device)
         for idx in equal_length_groups([len(p) for p in prepped]):   # unpadded batches: same result as alone
             out[idx] = self._pooled([prepped[i] for i in idx]).float()

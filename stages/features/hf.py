@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import torch
 from pydantic import Field
 
 from stages.features.base import EncoderParams, MissingWeights
@@ -64,6 +63,7 @@ def load_config(path: Path) -> Any:
 
 def load_model(path: Path) -> torch.nn.Module:
     """fp32 weights: autocast decides the compute precision, not the checkpoint's dtype."""
+    import torch
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -103,6 +103,8 @@ def output_dim(config: Any, modality: str) -> int:
 
 def features_of(output: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor (transformers 4) or an output with ``pooler_output`` (5)."""
+    import torch
+
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 

@@ -7,7 +7,6 @@ from urllib.parse import urlparse
 
 import cv2
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from stages.features.base import Encoder, EncoderParams, MissingWeights, register_encoder
@@ -84,6 +83,7 @@ class TorchvisionParams(TorchParams):
 
 def torchvision_weights_path(arch: str, weights: str) -> Path:
     """A local state_dict file, or a weights enum's checkpoint in the torch hub cache; never downloads."""
+    import torch
     import torchvision
 
     hub = Path(torch.hub.get_dir()) / "checkpoints"
@@ -106,6 +106,8 @@ def torchvision_weights_path(arch: str, weights: str) -> Path:
 
 def strip_head(model: torch.nn.Module) -> int:
     """Replace the last Linear layer (the classifier) by Identity; returns the feature width it took."""
+    import torch
+
     name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, torch.nn.Identity())
@@ -125,12 +127,15 @@ class TorchvisionImageEncoder(TorchEncoder):
         self.weights_path = torchvision_weights_path(params.arch, params.weights)
         super().__init__(params, inference=inference)
         if inference:
+            import torch
+
             shape = (1, 3, 1, 1)
             self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
             self.std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
 
     @classmethod
     def dim_for(cls, params: EncoderParams) -> int:
+        import torch
         import torchvision
 
         torchvision_weights_path(params.arch, params.weights)   # fail at plan time, not in the actor
@@ -141,6 +146,8 @@ class TorchvisionImageEncoder(TorchEncoder):
         import torchvision
 
         model = torchvision.models.get_model(self.params.arch, weights=None)
+        import torch
+
         state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         try:
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -153,6 +160,7 @@ class TorchvisionImageEncoder(TorchEncoder):
 
     def preprocess(self, values: list[Any]) -> list[Any]:
         """Resize + centre crop, kept as uint8 CHW (a quarter of float32 on the way to the GPU)."""
+        import torch
         from torchvision.transforms.v2 import functional as F
 
         out = []

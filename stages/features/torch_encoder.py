@@ -10,11 +10,11 @@ import contextlib
 from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
-import torch
 
 from stages.features.base import Encoder, EncoderParams
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# torch loads lazily: actors of weight-free encoders skip its ~2 s / ~650 MB import.
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": None}   # torch dtype names
 
 
 class TorchParams(EncoderParams):
@@ -28,6 +28,8 @@ class TorchEncoder(Encoder):
     pretrained: ClassVar[bool] = True
 
     def __init__(self, params: EncoderParams | dict | None = None, *, inference: bool = True):
+        import torch
+
         super().__init__(params, inference=inference)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model: torch.nn.Module | None = None
@@ -44,18 +46,24 @@ class TorchEncoder(Encoder):
     def encode(self, prepped: list[Any]) -> np.ndarray:
         if self.model is None:
             raise RuntimeError(f"encoder {self.name!r} was built for preprocessing only (inference=False)")
+        import torch
+
         with torch.inference_mode(), self.autocast():
             out = self.forward(prepped)
         return out.float().cpu().numpy()
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
         dtype = AUTOCAST_DTYPES[self.params.precision]
         if self.device.type != "cuda" or dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
     def to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Host array -> tensor on the model's device (pinned + non-blocking on GPU)."""
+        import torch
+
         tensor = torch.as_tensor(array)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)

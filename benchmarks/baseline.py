@@ -1,0 +1,124 @@
+"""The plain single-process baselines: the same stage classes the pipeline runs, instantiated in
+this process and called in a loop over the same batches (no Ray, no sinks, no commits)."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from common import batches_of
+from stages.base import Batch, StageContext, num_rows, object_column
+
+
+def to_batch(rows: list[dict]) -> Batch:
+    """Row dicts -> a numpy batch shaped like Ray Data's (object columns for str / bytes / None)."""
+    batch: Batch = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            batch[key] = np.asarray(values, dtype=np.int64)
+        elif all(isinstance(v, (bool, np.bool_)) for v in values):
+            batch[key] = np.asarray(values, dtype=bool)
+        else:
+            batch[key] = object_column(values)
+    return batch
+
+
+def to_rows(batch: Batch) -> list[dict]:
+    n = num_rows(batch)
+    return [{k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+@dataclass
+class LoopResult:
+    rows: int
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    batches: list[Batch] = field(default_factory=list)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else float("nan")
+
+
+def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = False) -> LoopResult:
+    """Call ``stages`` in order over ``rows`` in batches of ``batch_size``; time each stage."""
+    per_stage: dict[str, float] = defaultdict(float)
+    out: list[Batch] = []
+    start = time.perf_counter()
+    for chunk in batches_of(rows, batch_size):
+        batch = to_batch(chunk)
+        for stage in stages:
+            t = time.perf_counter()
+            batch = stage(batch)
+            per_stage[stage.name] += time.perf_counter() - t
+        if keep:
+            out.append(batch)
+    return LoopResult(len(rows), time.perf_counter() - start, dict(per_stage), out)
+
+
+def scan_rows(cfg: Any, context: StageContext) -> tuple[list[dict], float]:
+    """Pass 1 in this process: the ``ingest.scan`` stage over the source records (as the runner does)."""
+    from pipeline.runner import SCAN_COLUMNS
+    from pipeline.sources import read_source
+    from stages.ingest import IngestScan
+
+    start = time.perf_counter()
+    rows = []
+    for rec in read_source(cfg.source):
+        d = rec.to_dict()
+        d["text"] = d["text"] or ""
+        d["image"], d["audio"] = d["image"] or "", d["audio"] or ""
+        d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
+        rows.append(d)
+    scan = IngestScan({"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}, context)
+    scanned = []
+    for chunk in batches_of(rows, 64):
+        batch = scan(to_batch(chunk))
+        scanned += [{k: r[k] for k in SCAN_COLUMNS} for r in to_rows(batch)]
+    return scanned, time.perf_counter() - start
+
+
+def warm_imports(cfg: Any) -> None:
+    """Import every stage module ``cfg`` uses, so the baseline timer does not count imports (the
+    pipeline's actors do pay theirs, inside actor start-up: this favours the baseline)."""
+    from pipeline.plan import build_stages
+    from stages.registry import get_stage
+
+    for spec in build_stages(cfg, 1):
+        get_stage(spec.name)
+    import pipeline.runner  # noqa: F401
+
+
+def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False) -> tuple[LoopResult, float]:
+    """The whole processing pass in one process: scan, plan, then every stage of ``cfg`` (or those
+    before ``upto``) over batches of ``execution.batch_size``. Returns (loop result, scan seconds).
+
+    Must run before Ray starts: the dedup index is then an in-process object."""
+    import ray
+
+    from pipeline.plan import Lineage, build_stages, fingerprints, make_plan
+    from stages.dedup import close_index, create_index, index_name
+    from stages.registry import get_stage
+
+    assert not ray.is_initialized(), "the plain baseline runs without Ray"
+    context = StageContext(run_id="baseline", seed=cfg.seed, bad_modality=cfg.bad_modality)
+    scanned, scan_s = scan_rows(cfg, context)
+    specs = build_stages(cfg, 1)
+    plan = make_plan(scanned, Lineage(), fingerprints(cfg, specs), cfg)
+    if upto is not None:
+        specs = specs[:[s.name for s in specs].index(upto)]
+    dedup = next((s for s in specs if s.name == "dedup"), None)
+    if dedup is not None:
+        create_index(index_name(context.run_id), dedup.params, [])
+    try:
+        start = time.perf_counter()
+        stages = [get_stage(s.name)(s.params, context) for s in specs]
+        result = run_stages(stages, plan.rows, cfg.execution.batch_size, keep=keep)
+        result.seconds = time.perf_counter() - start   # stage construction (model loads) counts too
+    finally:
+        close_index(index_name(context.run_id))
+    return result, scan_s
