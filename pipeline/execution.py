@@ -4,6 +4,7 @@ actor pool (models load once per actor; no serialisation between them), each gro
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ class StageChain:
     def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int):
         from stages.registry import get_stage
 
+        _match_library_threads()
         ctx = StageContext(**context)
         self.stages = [get_stage(name)(params, ctx) for name, params in specs]
         self.group = group
@@ -71,6 +73,17 @@ class StageChain:
         if n:
             batch[f"_stats_{self.group}"] = object_column([json.dumps(stats)] + [""] * (n - 1))
         return batch
+
+
+def _match_library_threads() -> None:
+    """OpenCV sizes its thread pool by the machine's cores, not the actor's CPUs: two 1-CPU actors
+    on a 2-core machine would run four busy threads. Ray sets OMP_NUM_THREADS (what numpy's BLAS
+    and torch follow) to the actor's CPUs; give OpenCV the same."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import cv2
+
+        cv2.setNumThreads(int(threads))
 
 
 def _stage_metrics():
@@ -105,11 +118,14 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
     blocks = max(1, min(len(rows), max(num_cpus * 4, len(rows) // max(1, first_batch))))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for k, g in enumerate(groups):
+        # A small run (an incremental one) starts no more actors than it has batches: each actor
+        # start imports and loads every stage of its group, seconds of work for nothing.
+        actors = max(1, min(g.resources.concurrency, math.ceil(len(rows) / g.resources.batch_size)))
         ds = ds.map_batches(
             StageChain,
             fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
                                    "context": context.model_dump(), "group": k},
-            compute=ray.data.ActorPoolStrategy(size=g.resources.concurrency),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=g.resources.num_cpus,
             num_gpus=g.resources.num_gpus or None,
             batch_size=g.resources.batch_size,

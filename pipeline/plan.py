@@ -135,14 +135,14 @@ def _assign_ids(scanned: list[dict], cfg: Config) -> None:
                      reject_detail=f"split must be train, val or test, not {r['split']!r}")
 
 
-def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config) -> Plan:
+def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config, dedup: bool = True) -> Plan:
     scanned = sorted(scanned, key=lambda r: r["row"])
     _assign_ids(scanned, cfg)
     seen: dict[str, dict] = {}
     by_content: dict[str, str] = {}   # exact whole-sample duplicates: the first in input order is kept
     rows, rejects, unchanged, partial = [], [], set(), set()
     for r in scanned:
-        kept = by_content.setdefault(r["sha_sample"], r["id"]) if not r["reject_reason"] else r["id"]
+        kept = by_content.setdefault(r["sha_sample"], r["id"]) if dedup and not r["reject_reason"] else r["id"]
         if kept != r["id"]:
             r.update(reject_stage="ingest", reject_reason="duplicate", reject_detail=kept)
         first = seen.get(r["id"])

@@ -159,6 +159,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
                 close_index(index)
         stats = {"ingest.scan": [len(records), scan_s]} | result.stage_stats
         record = _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info)
+        record["fingerprints"] = {s.name: s.fingerprint for s in specs}
         _fault_point("before_record")
         store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
         shutil.rmtree(staging, ignore_errors=True)

@@ -194,6 +194,14 @@ def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, da
     return metrics
 
 
+def _stage_fingerprints(store: str) -> dict[str, str]:
+    """The stage fingerprints of the run that last wrote the features (``predict`` checks them)."""
+    from pipeline.store import Store
+
+    runs = [r for r in Store(store).runs() if r.get("fingerprints")]
+    return runs[-1]["fingerprints"] if runs else {}
+
+
 def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: list[str] | None = None,
           name: str | None = None) -> TrainResult:
     """Train one fusion model on ``<store>/features`` and write ``<store>/models/<name>/``."""
@@ -214,6 +222,7 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
     outcome = ENGINES[tc.engine](data, tc, spec, run_dir)
     save_model(model_dir, spec, outcome, data.version)
     metrics = evaluate_and_write(model_dir, spec, outcome, data, tc,
-                                 {"name": name, "engine": tc.engine, "num_workers": tc.num_workers})
+                                 {"name": name, "engine": tc.engine, "num_workers": tc.num_workers,
+                                  "stage_fingerprints": _stage_fingerprints(store)})
     log.info("trained %s: test accuracy %.3f, macro-F1 %.3f", name, metrics["accuracy"], metrics["macro_f1"])
     return TrainResult(model_dir, metrics)
