@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_count, gpu_name, load_avg
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 NOTES_MARKER = "<!-- notes: kept by run_all.py -->"
@@ -40,7 +42,8 @@ def run_one(name: str, quick: bool) -> str:
     took = time.time() - start
     out = proc.stdout.strip()
     head = [f"## {name}", "", f"Command: `{shown}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}, "
-            f"took {took:.0f} s, load average at end {'/'.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
+            f"took {took:.0f} s; machine {cpu_count()} CPU cores, GPU {gpu_name()}; load average at end "
+            f"{load_avg()}", ""]
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         out += f"\n\n**FAILED (exit {proc.returncode})**:\n\n```\n{tail}\n```"

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds the shared server helper
-from conftest_http import body, fail_first, http_server, redirect, slow, stalled_body, status  # noqa: E402,F401
+from tests.conftest_http import body, fail_first, http_server, redirect, slow, stalled_body, status  # noqa: E402,F401
 
 from pipeline.config import HttpConfig  # noqa: E402
 from pipeline.fetch import FetchResult, Fetcher  # noqa: E402

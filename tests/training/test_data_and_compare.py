@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CLASSES, DIMS, make_features, small_config
+from tests.training.conftest import CLASSES, DIMS, make_features, small_config
 from training.compare import compare
 from training.data import LABEL, class_names, prepare, read_features
 

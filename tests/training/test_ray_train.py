@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_features, small_config, write_store
+from tests.training.conftest import make_features, small_config, write_store
 from training.data import read_features
 from training.predict import load_model, predict_table
 from training.train import FAULT_ENV, train
