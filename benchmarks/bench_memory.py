@@ -75,16 +75,16 @@ class PeakSampler(threading.Thread):
     def __init__(self, interval: float):
         super().__init__(daemon=True)
         self.interval, self.peak = interval, Sample()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             s = tree_memory()
             self.peak = Sample(max(self.peak.rss, s.rss), max(self.peak.uss, s.uss), max(self.peak.procs, s.procs))
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> Sample:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray instance for the whole session (Ray's ray_start_regular_shared)."""
+"""Shared fixtures: one Ray instance per test module that asks for it (Ray's
+ray_start_regular_shared), shut down after the module so Ray-free tests stay Ray-free."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
+    if started:
+        ray.shutdown()
