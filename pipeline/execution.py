@@ -21,10 +21,10 @@ from stages.base import Batch, StageContext, num_rows, object_column
 
 def init_ray(cfg: Config) -> dict[str, Any]:
     """Connect to ``ray.address`` / RAY_ADDRESS, or start Ray in-process. Returns cluster facts."""
+    dashboard = ""
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True,
-                                  "logging_level": "WARNING"}
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": "WARNING"}
         if address:
             kwargs["address"] = address
         else:
@@ -32,17 +32,12 @@ def init_ray(cfg: Config) -> dict[str, Any]:
                           include_dashboard=cfg.ray.dashboard)
             if cfg.ray.metrics_export_port:
                 kwargs["_metrics_export_port"] = cfg.ray.metrics_export_port
-        ray.init(**kwargs)
-        ctx = ray.data.DataContext.get_current()
+        context = ray.init(**kwargs)
+        dashboard = getattr(context, "dashboard_url", "") or ""
         # Progress bars on a terminal; in logs (CI, jobs) they are noise.
-        ctx.enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
     res = ray.cluster_resources()
-    info = {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0))}
-    try:
-        info["dashboard_url"] = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else ""
-    except Exception:  # older/newer runtime contexts: the URL is a convenience only
-        info["dashboard_url"] = ""
-    return info
+    return {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0)), "dashboard_url": dashboard}
 
 
 class StageChain:

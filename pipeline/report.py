@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.compute as pc
 
@@ -13,6 +14,10 @@ def _table(headers: list[str], rows: list[list]) -> str:
     widths = [max(len(h), *(len(r[k]) for r in cells)) if cells else len(h) for k, h in enumerate(headers)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _when(ms: int | None) -> str:
+    return "" if ms is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
 
 
 def format_run(record: dict) -> str:
@@ -39,7 +44,7 @@ def format_store(store: Store, version: int | None = None) -> str:
         n0 = t.filter(pc.field("aug") == 0).num_rows if which == "features" else t.num_rows
         out.append(f"{which}: {t.num_rows} rows ({n0} ids)" + (f" at version {version}" if version is not None else ""))
         out.append(_table(["version", "timestamp", "operation", "run"],
-                          [[h.get("version"), h.get("timestamp"), h.get("operation"),
+                          [[h.get("version"), _when(h.get("timestamp")), h.get("operation"),
                             (h.get("mmpipe.run_id") or h.get("customMetadata", {}) or "")] for h in hist[:10]]))
     runs = store.runs()
     if runs:

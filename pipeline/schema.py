@@ -16,21 +16,22 @@ MEDIA_COLUMNS = MODALITIES  # image, text, audio
 
 
 def normalize_batch(batch: dict) -> dict:
-    """Undo what the trip through Arrow does to a numpy batch: fixed-width string columns become
-    object columns (stages write longer strings back), and an all-null media column, which comes
-    back as float NaN, becomes None again."""
+    """Undo what a trip through Arrow does to a numpy batch: fixed-width string columns become
+    object columns (stages write longer strings back), and media values that an all-null column
+    turned into float NaN become None again."""
     import numpy as np
 
     out = {}
     for key, col in batch.items():
         if col.dtype.kind in "US":
             col = col.astype(object)
-        if key in MEDIA_COLUMNS and col.dtype.kind != "O" or (key in MEDIA_COLUMNS and any(isinstance(v, float) for v in col)):
+        if key in MEDIA_COLUMNS:
             fixed = np.empty(len(col), dtype=object)
             fixed[:] = [v if isinstance(v, (bytes, str)) else None for v in col]
             col = fixed
         out[key] = col
     return out
+
 
 FEATURES_SCHEMA = pa.schema(
     [

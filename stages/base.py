@@ -76,6 +76,7 @@ class Stage:
     version: ClassVar[int] = 1
     modality: ClassVar[str | None] = None    # whose lineage this stage affects; None = every modality
     Params: ClassVar[type[StageParams]] = StageParams
+    reasons: ClassVar[dict[str, str]] = {}   # reject reason code -> what triggers it (for docs/reports)
 
     def __init__(self, params: StageParams | dict | None = None, context: StageContext | None = None):
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
