@@ -22,6 +22,7 @@ from stages.base import Batch, StageContext, num_rows, object_column
 def init_ray(cfg: Config) -> dict[str, Any]:
     """Connect to ``ray.address`` / RAY_ADDRESS, or start Ray in-process. Returns cluster facts."""
     dashboard = ""
+    remote = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "logging_level": "WARNING"}
@@ -37,7 +38,8 @@ def init_ray(cfg: Config) -> dict[str, Any]:
         # Progress bars on a terminal; in logs (CI, jobs) they are noise.
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
     res = ray.cluster_resources()
-    return {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0)), "dashboard_url": dashboard}
+    return {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0)), "dashboard_url": dashboard,
+            "remote": remote or len(ray.nodes()) > 1}
 
 
 class StageChain:

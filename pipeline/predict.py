@@ -51,7 +51,7 @@ def predict_records(cfg: Config, model_dir: Path, out: Path) -> str:
     specs = [s for s in build_stages(cfg, info["num_cpus"]) if not s.name.startswith(SKIPPED)]
     fps = fingerprints(cfg, specs)
     context = StageContext(run_id=new_run_id(), seed=cfg.seed, bad_modality=cfg.bad_modality)
-    scanned, _ = scan(records, cfg, context, info["num_cpus"])
+    scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"])
     plan = make_plan(scanned, Lineage(), fps, cfg, dedup=False)
     rejects = [{"id": r["id"], "stage": r["reject_stage"], "reason": r["reject_reason"], "detail": r["reject_detail"]}
                for r in plan.rejects]

@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,21 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _Phases:
+    """Wall seconds per phase of a run, for the run record."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -46,8 +62,13 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cpus: int) -> tuple[list[dict], list]:
-    """Pass 1 on Ray: resolve, fetch and hash every record (small output, no media bytes)."""
+def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cpus: int,
+         on_cluster: bool = False) -> tuple[list[dict], list]:
+    """Pass 1: resolve, fetch and hash every record (small output, no media bytes).
+
+    On a cluster the scan runs in Ray actors near the data; on one machine it runs in driver
+    threads (file reads and sha256 release the GIL), which saves an actor pool's start-up on
+    every run, the main fixed cost of a small incremental run."""
     rows = []
     for rec in records:
         d = rec.to_dict()
@@ -56,6 +77,8 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
         d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
         rows.append(d)
     params = {"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}
+    if not on_cluster:
+        return _scan_local(rows, params, context, num_cpus), []
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
     ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [("ingest.scan", params)],
                                                            "context": context.model_dump(), "group": 0},
@@ -64,6 +87,24 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
     out = ds.take_all()
     stats = [r["_stats_0"] for r in out if r.get("_stats_0")]
     return [{k: r[k] for k in SCAN_COLUMNS} for r in out], stats
+
+
+def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus: int) -> list[dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.base import object_column
+    from stages.ingest import IngestScan
+
+    stage = IngestScan(params, context)
+    chunks = [rows[k:k + 64] for k in range(0, len(rows), 64)]
+
+    def one(chunk: list[dict]) -> list[dict]:
+        batch = {key: object_column([r[key] for r in chunk]) for key in chunk[0]}
+        out = stage(batch)
+        return [{k: out[k][i] for k in SCAN_COLUMNS} for i in range(len(chunk))]
+
+    with ThreadPoolExecutor(max_workers=max(2, 2 * num_cpus)) as pool:
+        return [row for part in pool.map(one, chunks) for row in part]
 
 
 def _fill_partial(new: pa.Table, store: Store, partial: set[str]) -> pa.Table:
@@ -132,14 +173,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         store.recover()
         context = StageContext(run_id=run_id, seed=cfg.seed, bad_modality=cfg.bad_modality, store=store.uri,
                                cache_dir=str(store.local_dir("cache", "http")))
-        t0 = time.perf_counter()
-        scanned, scan_stats = scan(records, cfg, context, info["num_cpus"])
-        scan_s = time.perf_counter() - t0
-        lineage = store.lineage()
-        plan = make_plan(scanned, lineage, fps, cfg)
+        phases = _Phases()
+        with phases("scan"):
+            scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"])
+        scan_s = phases.seconds["scan"]
+        with phases("plan"):
+            lineage = store.lineage()
+            plan = make_plan(scanned, lineage, fps, cfg)
         log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
             f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
-        index = _start_dedup(cfg, specs, store, plan, run_id)
+        with phases("dedup_index"):
+            index = _start_dedup(cfg, specs, store, plan, run_id)
         staging = store.local_dir("_staging", run_id)
         sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
         t1 = time.perf_counter()
@@ -151,7 +195,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             result = sink.close()
             _fault_point("before_commit")
             process_s = time.perf_counter() - t1
-            committed = commit(store, plan, lineage, result, run_id, result.dims)
+            phases.seconds["process"] = round(process_s, 3)
+            with phases("commit"):
+                committed = commit(store, plan, lineage, result, run_id, result.dims)
         finally:
             if index is not None:
                 from stages.dedup import close_index
@@ -160,6 +206,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         stats = {"ingest.scan": [len(records), scan_s]} | result.stage_stats
         record = _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info)
         record["fingerprints"] = {s.name: s.fingerprint for s in specs}
+        record["phases_s"] = phases.seconds
         _fault_point("before_record")
         store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
         shutil.rmtree(staging, ignore_errors=True)
