@@ -103,7 +103,7 @@ def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus:
         out = stage(batch)
         return [{k: out[k][i] for k in SCAN_COLUMNS} for i in range(len(chunk))]
 
-    with ThreadPoolExecutor(max_workers=max(2, 2 * num_cpus)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, num_cpus)) as pool:   # more threads only fight over the GIL
         return [row for part in pool.map(one, chunks) for row in part]
 
 

@@ -13,19 +13,7 @@ from stages.base import Reject, object_column
 from stages.cleanup import audio as audio_mod
 from stages.cleanup.audio import AudioCleaner, rms_dbfs
 from stages.registry import STAGES
-
-
-def make_batch(**media: list) -> dict:
-    """A batch laid out as the runner builds it: string columns, JSON columns, redo, media."""
-    n = len(next(iter(media.values())))
-    batch = {c: object_column([""] * n) for c in BATCH_STR_COLUMNS}
-    batch["id"] = object_column([f"row{i}" for i in range(n)])
-    batch["meta"] = object_column(["{}"] * n)
-    batch["dropped"] = object_column(["{}"] * n)
-    batch["redo"] = object_column(["image,text,audio"] * n)
-    for m in MEDIA_COLUMNS:
-        batch[m] = object_column(media.get(m, [None] * n))
-    return batch
+from tests.stages.helpers import make_batch
 
 
 def speech(sr: int, seconds: float = 1.5, pad: float = 0.5, level: float = 0.3, seed: int = 0) -> np.ndarray:

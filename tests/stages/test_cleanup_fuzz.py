@@ -21,22 +21,10 @@ from stages.cleanup.audio import AudioCleaner
 from stages.cleanup.image import ImageCleaner
 from stages.cleanup.text import TextCleaner
 from stages.media import decode_image
+from tests.stages.helpers import make_batch
 
 N_PER_MODALITY = 300
 Rng = np.random.Generator
-
-
-def make_batch(**media: list) -> dict:
-    """A batch laid out as the runner builds it: string columns, JSON columns, redo, media."""
-    n = len(next(iter(media.values())))
-    batch = {c: object_column([""] * n) for c in BATCH_STR_COLUMNS}
-    batch["id"] = object_column([f"row{i}" for i in range(n)])
-    batch["meta"] = object_column(["{}"] * n)
-    batch["dropped"] = object_column(["{}"] * n)
-    batch["redo"] = object_column(["image,text,audio"] * n)
-    for m in MEDIA_COLUMNS:
-        batch[m] = object_column(media.get(m, [None] * n))
-    return batch
 
 
 # -- valid seeds ------------------------------------------------------------------------------

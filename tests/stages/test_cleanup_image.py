@@ -17,19 +17,7 @@ from stages.cleanup import image as image_mod
 from stages.cleanup.image import ImageCleaner
 from stages.media import decode_image, image_format
 from stages.registry import STAGES
-
-
-def make_batch(**media: list) -> dict:
-    """A batch laid out as the runner builds it: string columns, JSON columns, redo, media."""
-    n = len(next(iter(media.values())))
-    batch = {c: object_column([""] * n) for c in BATCH_STR_COLUMNS}
-    batch["id"] = object_column([f"row{i}" for i in range(n)])
-    batch["meta"] = object_column(["{}"] * n)
-    batch["dropped"] = object_column(["{}"] * n)
-    batch["redo"] = object_column(["image,text,audio"] * n)
-    for m in MEDIA_COLUMNS:
-        batch[m] = object_column(media.get(m, [None] * n))
-    return batch
+from tests.stages.helpers import make_batch
 
 
 def scene(h: int = 240, w: int = 320, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,7 @@ from stages.base import Reject, StageContext, object_column
 from stages.cleanup import text as text_mod
 from stages.cleanup.text import TextCleaner
 from stages.registry import STAGES
+from tests.stages.helpers import make_batch
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><title>Otter news</title>
@@ -32,19 +33,6 @@ disappeared during the last century.</p>
 <footer><p>Copyright 2024 Example Corp. All rights reserved. Privacy policy | Terms of use</p></footer>
 <script>console.log("MORE_SCRIPT_TEXT")</script>
 </body></html>"""
-
-
-def make_batch(**media: list) -> dict:
-    """A batch laid out as the runner builds it: string columns, JSON columns, redo, media."""
-    n = len(next(iter(media.values())))
-    batch = {c: object_column([""] * n) for c in BATCH_STR_COLUMNS}
-    batch["id"] = object_column([f"row{i}" for i in range(n)])
-    batch["meta"] = object_column(["{}"] * n)
-    batch["dropped"] = object_column(["{}"] * n)
-    batch["redo"] = object_column(["image,text,audio"] * n)
-    for m in MEDIA_COLUMNS:
-        batch[m] = object_column(media.get(m, [None] * n))
-    return batch
 
 
 def reason_of(cleaner: TextCleaner, value: object) -> str:

@@ -1,0 +1,18 @@
+"""Batches laid out as the runner builds them, for stage unit tests."""
+from __future__ import annotations
+
+from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
+from stages.base import object_column
+
+
+def make_batch(**media: list) -> dict:
+    """A batch laid out as the runner builds it: string columns, JSON columns, redo, media."""
+    n = len(next(iter(media.values())))
+    batch = {c: object_column([""] * n) for c in BATCH_STR_COLUMNS}
+    batch["id"] = object_column([f"row{i}" for i in range(n)])
+    batch["meta"] = object_column(["{}"] * n)
+    batch["dropped"] = object_column(["{}"] * n)
+    batch["redo"] = object_column(["image,text,audio"] * n)
+    for m in MEDIA_COLUMNS:
+        batch[m] = object_column(media.get(m, [None] * n))
+    return batch
