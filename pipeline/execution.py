@@ -134,5 +134,17 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
     return ds
 
 
+def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, batch_size: int) -> Iterable[Batch]:
+    """The same stages, fused into one chain, in this process: the small-plan fast path."""
+    chain = StageChain([(s.name, s.params) for s in specs], context.model_dump(), 0)
+    for k in range(0, len(rows), batch_size):
+        part = rows[k:k + batch_size]
+        yield chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
+
+
+def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:
+    return 0 < len(rows) <= cfg.execution.local_max_rows and not any(s.resources.num_gpus for s in specs)
+
+
 def iter_output(ds: "ray.data.Dataset") -> Iterable[Batch]:
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)

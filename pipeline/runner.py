@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.execution import StageChain, build_dataset, init_ray, iter_output
+from pipeline.execution import StageChain, build_dataset, init_ray, iter_output, run_local, runs_locally
 from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
 from pipeline.schema import FEATURES_SCHEMA
 from pipeline.sinks import RunSink, SinkResult, rejects_table
@@ -182,14 +182,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             plan = make_plan(scanned, lineage, fps, cfg)
         log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
             f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
+        local = runs_locally(plan.rows, specs, cfg)
         with phases("dedup_index"):
-            index = _start_dedup(cfg, specs, store, plan, run_id)
+            index = _start_dedup(cfg, specs, store, plan, run_id, local)
         staging = store.local_dir("_staging", run_id)
         sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
         t1 = time.perf_counter()
         try:
             if plan.rows:
-                for batch in iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])):
+                batches = (run_local(plan.rows, specs, context, cfg.execution.batch_size) if local
+                           else iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])))
+                for batch in batches:
                     sink.add(batch)
                     _fault_point("during_stages")
             result = sink.close()
@@ -207,20 +210,21 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         record = _record(cfg, store, run_id, plan, result, committed, stats, started, process_s, info)
         record["fingerprints"] = {s.name: s.fingerprint for s in specs}
         record["phases_s"] = phases.seconds
+        record["execution"] = "driver" if local else "ray-data"
         _fault_point("before_record")
         store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(run_id, record, store)
 
 
-def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str):
+def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str, local: bool):
     spec = next((s for s in specs if s.name == "dedup"), None)
     if spec is None or not plan.rows:
         return None
     from stages.dedup import create_index, index_name
 
     name = index_name(run_id)
-    create_index(name, spec.params, store.dedup_signatures(exclude=plan.removed))
+    create_index(name, spec.params, store.dedup_signatures(exclude=plan.removed), local=local)
     return name
 
 

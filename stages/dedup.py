@@ -251,11 +251,12 @@ _LOCAL: dict[str, DedupIndex] = {}
 _ACTORS: dict[str, Any] = {}
 
 
-def create_index(name: str, params: dict, existing: list[tuple[str, str]]) -> Any:
-    """Create the run's index (a named Ray actor when Ray is up); ``existing`` = (id, dedup_sig)
-    of rows already stored, which count as seen first. Replaces an index of the same name."""
+def create_index(name: str, params: dict, existing: list[tuple[str, str]], local: bool = False) -> Any:
+    """Create the run's index (a named Ray actor when Ray is up, unless ``local``: then the stages
+    run in this process too); ``existing`` = (id, dedup_sig) of rows already stored, which count
+    as seen first. Replaces an index of the same name."""
     close_index(name)
-    if not ray.is_initialized():
+    if local or not ray.is_initialized():
         _LOCAL[name] = DedupIndex(params, existing)
         return _LOCAL[name]
     actor = ray.remote(num_cpus=0)(DedupIndex).options(name=name).remote(params, existing)
@@ -276,8 +277,9 @@ def close_index(name: str) -> None:
 
 
 def open_index(name: str, params: DedupParams) -> Checker:
-    """The check function of the named index: the Ray actor when Ray is up, else in-process."""
-    if not ray.is_initialized():
+    """The check function of the named index: in-process when this process holds it (or Ray is
+    not running), else the Ray actor."""
+    if name in _LOCAL or not ray.is_initialized():
         index = _LOCAL.get(name) or _LOCAL.setdefault(name, DedupIndex(params, []))
         return index.check
     try:

@@ -11,7 +11,7 @@ BASE = {
     "name": "test",
     "seed": 0,
     "ray": {"dashboard": False, "progress_bars": False, "num_cpus": 2},
-    "execution": {"batch_size": 16},
+    "execution": {"batch_size": 16, "local_max_rows": 0},   # exercise the Ray Data path
     "stages": {
         "cleanup": {"text": {}, "image": {"params": {"blur_threshold": 5.0}}, "audio": {"params": {"min_duration_s": 0.2}}},
         "dedup": {},

@@ -138,3 +138,16 @@ def test_second_writer_is_refused(own, tmp_path):
     with store.lock("holder"):
         with pytest.raises(StoreBusy, match="being written"):
             go(folder, manifest, tmp_path / "s")
+
+
+def test_small_plans_run_in_the_driver_with_the_same_result(own, tmp_path):
+    folder, manifest = own
+    ray_rec = go(folder, manifest, tmp_path / "ray")
+    local_rec = go(folder, manifest, tmp_path / "local", {"execution": {"local_max_rows": 1000}})
+    assert ray_rec["execution"] == "ray-data" and local_rec["execution"] == "driver"
+    a, b = features(tmp_path / "ray"), features(tmp_path / "local")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key]["sha_sample"] == b[key]["sha_sample"] and a[key]["split"] == b[key]["split"]
+        for m in ("image", "text", "audio"):
+            np.testing.assert_allclose(a[key][f"{m}_emb"], b[key][f"{m}_emb"], rtol=1e-5, atol=1e-6)
