@@ -63,7 +63,7 @@ def new_run_id() -> str:
 
 
 def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cpus: int,
-         on_cluster: bool = False) -> tuple[list[dict], list]:
+         on_cluster: bool = False, hash_cache: dict | None = None) -> tuple[list[dict], list]:
     """Pass 1: resolve, fetch and hash every record (small output, no media bytes).
 
     On a cluster the scan runs in Ray actors near the data; on one machine it runs in driver
@@ -78,7 +78,7 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
         rows.append(d)
     params = {"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}
     if not on_cluster:
-        return _scan_local(rows, params, context, num_cpus), []
+        return _scan_local(rows, params, context, num_cpus, hash_cache), []
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
     ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [("ingest.scan", params)],
                                                            "context": context.model_dump(), "group": 0},
@@ -89,13 +89,14 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
     return [{k: r[k] for k in SCAN_COLUMNS} for r in out], stats
 
 
-def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus: int) -> list[dict]:
+def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus: int,
+                hash_cache: dict | None) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     from stages.base import object_column
     from stages.ingest import IngestScan
 
-    stage = IngestScan(params, context)
+    stage = IngestScan(params, context, hash_cache)
     chunks = [rows[k:k + 64] for k in range(0, len(rows), 64)]
 
     def one(chunk: list[dict]) -> list[dict]:
@@ -104,7 +105,11 @@ def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus:
         return [{k: out[k][i] for k in SCAN_COLUMNS} for i in range(len(chunk))]
 
     with ThreadPoolExecutor(max_workers=max(1, num_cpus)) as pool:   # more threads only fight over the GIL
-        return [row for part in pool.map(one, chunks) for row in part]
+        out = [row for part in pool.map(one, chunks) for row in part]
+    if hash_cache is not None:   # keep only what this input needed: the cache does not grow forever
+        hash_cache.clear()
+        hash_cache.update(stage.hash_used)
+    return out
 
 
 def _fill_partial(new: pa.Table, store: Store, partial: set[str]) -> pa.Table:
@@ -175,7 +180,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
                                cache_dir=str(store.local_dir("cache", "http")))
         phases = _Phases()
         with phases("scan"):
-            scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"])
+            hashes = store.hash_cache()
+            scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"], hash_cache=hashes)
+            store.save_hash_cache(hashes)
         scan_s = phases.seconds["scan"]
         with phases("plan"):
             lineage = store.lineage()

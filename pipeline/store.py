@@ -14,6 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -177,6 +178,28 @@ class Store:
     def versions(self, which: str) -> list[dict]:
         dt = self.table(self.uri_of(which))
         return [] if dt is None else dt.history()
+
+    # -- the scan's hash cache (local files only; safe to lose) ------------------------------
+    def hash_cache(self) -> dict[tuple, str]:
+        path = self.local_dir("cache") / "hashes.parquet"
+        if not path.is_file():
+            return {}
+        try:
+            t = pq.read_table(path).to_pydict()
+        except (OSError, pa.ArrowInvalid):
+            return {}
+        keys = zip(t["path"], t["size"], t["mtime_ns"], t["ctime_ns"], t["inode"])
+        return dict(zip(keys, t["sha"]))
+
+    def save_hash_cache(self, cache: dict[tuple, str]) -> None:
+        cols = list(zip(*cache.keys())) if cache else [[], [], [], [], []]
+        table = pa.table({"path": pa.array(cols[0], pa.string()), "size": pa.array(cols[1], pa.int64()),
+                          "mtime_ns": pa.array(cols[2], pa.int64()), "ctime_ns": pa.array(cols[3], pa.int64()),
+                          "inode": pa.array(cols[4], pa.int64()), "sha": pa.array(list(cache.values()), pa.string())})
+        path = self.local_dir("cache") / "hashes.parquet"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
 
     # -- run records and shards -------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:

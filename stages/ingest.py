@@ -59,9 +59,13 @@ class IngestScan(Stage):
     name = "ingest.scan"
     Params = ScanParams
 
-    def __init__(self, params=None, context=None):
+    def __init__(self, params=None, context=None, hash_cache: dict | None = None):
         super().__init__(params, context)
         self._fetcher = None
+        # (path, size, mtime_ns, ctime_ns, inode) -> content hash, like git's index: an unchanged
+        # file is not read again. The runner loads and saves it next to the store.
+        self.hash_cache: dict[tuple, str] = hash_cache if hash_cache is not None else {}
+        self.hash_used: dict[tuple, str] = {}   # the entries this scan needed: what is worth keeping
 
     @property
     def fetcher(self):
@@ -108,10 +112,29 @@ class IngestScan(Stage):
         for m, ref in refs.items():
             if not ref:
                 continue
-            loc, data = self._read_ref(ref, str(batch["base"][i]), urls)
+            loc, sha = self._hash_ref(ref, str(batch["base"][i]), urls)
             out[f"{m}_loc"][i] = loc
-            out[f"sha_{m}"][i] = content_hash(data)
+            out[f"sha_{m}"][i] = sha
+
+    def _hash_ref(self, ref: str, base: str, urls: dict) -> tuple[str, str]:
+        """(location, content hash); a local file whose stat matches the hash cache is not read."""
+        if is_url(ref) or ".tar#" in ref:
+            loc, data = self._read_ref(ref, base, urls)
             self.stats.bytes_in += len(data)
+            return loc, content_hash(data)
+        path = resolve_path(ref, base, self.params.roots)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise Reject("missing_file", f"{ref}: {exc.strerror}") from None
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        sha = self.hash_cache.get(key)
+        if sha is None:
+            loc, data = self._read_ref(ref, base, urls)
+            self.stats.bytes_in += len(data)
+            sha = content_hash(data)
+        self.hash_used[key] = sha
+        return str(path), sha
 
     def _read_ref(self, ref: str, base: str, urls: dict) -> tuple[str, bytes]:
         if is_url(ref):

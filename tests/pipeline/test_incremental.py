@@ -151,3 +151,20 @@ def test_small_plans_run_in_the_driver_with_the_same_result(own, tmp_path):
         assert a[key]["sha_sample"] == b[key]["sha_sample"] and a[key]["split"] == b[key]["split"]
         for m in ("image", "text", "audio"):
             np.testing.assert_allclose(a[key][f"{m}_emb"], b[key][f"{m}_emb"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_rewritten_in_place_is_seen_despite_the_hash_cache(own, tmp_path):
+    folder, manifest = own
+    store = tmp_path / "s"
+    go(folder, manifest, store)
+    assert (store / "cache" / "hashes.parquet").is_file()
+    row = rows_of(manifest)[7]
+    target = manifest.parent / "media" / "rewritten.wav"
+    target.write_bytes((manifest.parent / row["audio"]).read_bytes())
+    rows = rows_of(manifest)
+    rows[7]["audio"] = "media/rewritten.wav"
+    write_rows(manifest, rows)
+    assert go(folder, manifest, store)["counts"]["processed"] == 0   # same bytes, new path: nothing to do
+    target.write_bytes(_audio(row["label"], np.random.default_rng(3)))   # same path, new content
+    rec = go(folder, manifest, store)
+    assert rec["counts"]["processed"] == 1 and rec["counts"]["partial"] == 1
