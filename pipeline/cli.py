@@ -134,7 +134,7 @@ def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the de
     typer.echo("\noutputs:\n"
                f"  features (Delta): {s.features_uri}\n  rejects (Delta):  {s.rejects_uri}\n"
                f"  samples (WebDataset shards): {s.uri_of('samples', result.run_id)}\n"
-               f"  run record: {s.uri_of('runs', result.run_id + '.json')}\n  model: {trained.model_dir}")
+               f"  run record: {s.uri_of('runs', result.run_id + '.json')}\n  model: {Path(trained.model_dir).resolve()}")
 
 
 def _default_config(name: str) -> Path:
