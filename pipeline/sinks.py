@@ -2,7 +2,6 @@
 WebDataset shards (samples), staged Parquet (features, committed later) and reject records."""
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 

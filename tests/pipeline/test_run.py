@@ -1,7 +1,6 @@
 """End to end on tiny data: accounting, rejects with reasons, sinks readable by their libraries."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

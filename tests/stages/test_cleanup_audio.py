@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
-from stages.base import Reject, object_column
+from stages.base import Reject
 from stages.cleanup import audio as audio_mod
 from stages.cleanup.audio import AudioCleaner, rms_dbfs
 from stages.registry import STAGES

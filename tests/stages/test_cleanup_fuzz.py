@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
-from stages.base import ModalityCleaner, StageContext, object_column
+from pipeline.schema import MEDIA_COLUMNS
+from stages.base import ModalityCleaner, StageContext
 from stages.cleanup.audio import AudioCleaner
 from stages.cleanup.image import ImageCleaner
 from stages.cleanup.text import TextCleaner

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
-from stages.base import Reject, object_column
+from stages.base import Reject
 from stages.cleanup import image as image_mod
 from stages.cleanup.image import ImageCleaner
 from stages.media import decode_image, image_format

@@ -7,8 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
-from stages.base import Reject, StageContext, object_column
+from stages.base import Reject, StageContext
 from stages.cleanup import text as text_mod
 from stages.cleanup.text import TextCleaner
 from stages.registry import STAGES
