@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.execution import StageChain, build_dataset, init_ray, iter_output, run_local, runs_locally
+from pipeline.execution import (StageChain, _stage_metrics, build_dataset, init_ray, iter_output, run_local,
+                                runs_locally)
 from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
 from pipeline.schema import FEATURES_SCHEMA
 from pipeline.sinks import RunSink, SinkResult, rejects_table
@@ -104,8 +105,12 @@ def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus:
         out = stage(batch)
         return [{k: out[k][i] for k in SCAN_COLUMNS} for i in range(len(chunk))]
 
+    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, num_cpus)) as pool:   # more threads only fight over the GIL
         out = [row for part in pool.map(one, chunks) for row in part]
+    metrics = _stage_metrics()   # the same per-stage metrics the actors export
+    if metrics is not None:
+        metrics.record(stage, len(rows), len(out), time.perf_counter() - start, {})
     if hash_cache is not None:   # keep only what this input needed: the cache does not grow forever
         hash_cache.clear()
         hash_cache.update(stage.hash_used)
