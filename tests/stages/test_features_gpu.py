@@ -28,16 +28,6 @@ def bert_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def resnet_pth(tmp_path_factory) -> str:
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tv") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    return str(path)
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 

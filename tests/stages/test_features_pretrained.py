@@ -70,16 +70,6 @@ def wav2vec2_dir(tmp_path_factory) -> str:
     return _wav2vec2(tmp_path_factory.mktemp("w2v"), "layer")
 
 
-@pytest.fixture(scope="module")
-def resnet_pth(tmp_path_factory) -> str:
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tv") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    return str(path)
-
-
 def texts() -> list[str]:
     rng = np.random.default_rng(0)
     return [" ".join(rng.choice(WORDS + ["zebra"], int(n))) for n in (1, 9, 4, 17, 2, 30)]
