@@ -53,7 +53,7 @@ class StageChain:
         ctx = StageContext(**context)
         self.stages = [get_stage(name)(params, ctx) for name, params in specs]
         self.group = group
-        self.metrics = _stage_metrics()
+        self.metrics = stage_metrics()
 
     def __call__(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
@@ -83,7 +83,7 @@ def _match_library_threads() -> None:
         cv2.setNumThreads(int(threads))
 
 
-def _stage_metrics():
+def stage_metrics():
     try:
         from pipeline.metrics import StageMetrics
     except ImportError:
@@ -144,6 +144,14 @@ def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, b
 
 def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:
     return 0 < len(rows) <= cfg.execution.local_max_rows and not any(s.resources.num_gpus for s in specs)
+
+
+def process(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config, num_cpus: int,
+            local: bool) -> Iterable[Batch]:
+    """The processing pass: in this process for small plans, else through Ray Data actor pools."""
+    if local:
+        return run_local(rows, specs, context, cfg.execution.batch_size)
+    return iter_output(build_dataset(rows, specs, context, cfg, num_cpus))
 
 
 def iter_output(ds: "ray.data.Dataset") -> Iterable[Batch]:

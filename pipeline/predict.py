@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError
-from pipeline.execution import build_dataset, init_ray, iter_output, run_local, runs_locally
+from pipeline.execution import init_ray, process, runs_locally
 from pipeline.plan import Lineage, build_stages, fingerprints, make_plan
 from pipeline.runner import new_run_id, scan
 from pipeline.schema import normalize_batch
@@ -57,9 +57,7 @@ def predict_records(cfg: Config, model_dir: Path, out: Path) -> str:
                for r in plan.rejects]
     parts = []
     if plan.rows:
-        batches = (run_local(plan.rows, specs, context, cfg.execution.batch_size) if runs_locally(plan.rows, specs, cfg)
-                   else iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])))
-        for batch in batches:
+        for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], runs_locally(plan.rows, specs, cfg)):
             batch = normalize_batch(batch)
             ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
             rejects += [{"id": batch["id"][i], "stage": batch["reject_stage"][i], "reason": batch["reject_reason"][i],

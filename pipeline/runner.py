@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.execution import (StageChain, _stage_metrics, build_dataset, init_ray, iter_output, run_local,
-                                runs_locally)
+from pipeline.execution import StageChain, init_ray, process, runs_locally, stage_metrics
 from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
 from pipeline.schema import FEATURES_SCHEMA
 from pipeline.sinks import RunSink, SinkResult, rejects_table
@@ -108,7 +107,7 @@ def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, num_cpus)) as pool:   # more threads only fight over the GIL
         out = [row for part in pool.map(one, chunks) for row in part]
-    metrics = _stage_metrics()   # the same per-stage metrics the actors export
+    metrics = stage_metrics()   # the same per-stage metrics the actors export
     if metrics is not None:
         metrics.record(stage, len(rows), len(out), time.perf_counter() - start, {})
     if hash_cache is not None:   # keep only what this input needed: the cache does not grow forever
@@ -202,9 +201,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         t1 = time.perf_counter()
         try:
             if plan.rows:
-                batches = (run_local(plan.rows, specs, context, cfg.execution.batch_size) if local
-                           else iter_output(build_dataset(plan.rows, specs, context, cfg, info["num_cpus"])))
-                for batch in batches:
+                for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local):
                     sink.add(batch)
                     _fault_point("during_stages")
             result = sink.close()
