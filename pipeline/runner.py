@@ -25,9 +25,8 @@ from pipeline.sinks import RunSink, SinkResult, rejects_table
 from pipeline.sources import SourceRecord, read_source
 from pipeline.store import Store
 from stages.base import MODALITIES, StageContext
+from stages.ingest import SCAN_COLUMNS
 
-SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
-                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
 
 
 def _fault_point(name: str) -> None:
@@ -78,7 +77,7 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
         rows.append(d)
     params = {"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}
     if not on_cluster:
-        return _scan_local(rows, params, context, num_cpus, hash_cache), []
+        return _scan_local(rows, params, context, hash_cache), []
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
     ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [("ingest.scan", params)],
                                                            "context": context.model_dump(), "group": 0},
@@ -89,10 +88,8 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
     return [{k: r[k] for k in SCAN_COLUMNS} for r in out], stats
 
 
-def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus: int,
+def _scan_local(rows: list[dict], params: dict, context: StageContext,
                 hash_cache: dict | None) -> list[dict]:
-    from concurrent.futures import ThreadPoolExecutor
-
     from stages.base import object_column
     from stages.ingest import IngestScan
 
@@ -105,8 +102,9 @@ def _scan_local(rows: list[dict], params: dict, context: StageContext, num_cpus:
         return [{k: out[k][i] for k in SCAN_COLUMNS} for i in range(len(chunk))]
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, num_cpus)) as pool:   # more threads only fight over the GIL
-        out = [row for part in pool.map(one, chunks) for row in part]
+    # Local files: one thread (stat, realpath and small reads hold the GIL; two threads measured
+    # 2.0 s vs 1.1 s for 3000 rows). http(s) fetches have their own bounded concurrency.
+    out = [row for chunk in chunks for row in one(chunk)]
     metrics = stage_metrics()   # the same per-stage metrics the actors export
     if metrics is not None:
         metrics.record(stage, len(rows), len(out), time.perf_counter() - start, {})

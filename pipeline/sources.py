@@ -6,7 +6,7 @@ import glob
 import json
 import tarfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,7 +37,7 @@ class SourceRecord:
     base: str = ""                  # folder relative refs resolve against
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))   # every field is a str / int / None: no deep copy (asdict) needed
 
 
 def _clean(value) -> str | None:

@@ -2,6 +2,7 @@
 load the bytes into the batch for the processing pass (load)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tarfile
@@ -34,21 +35,32 @@ def read_tar_member(ref: str) -> bytes:
         return f.read()
 
 
+@functools.lru_cache(maxsize=256)
+def _allowed_roots(base: str, roots: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(os.path.realpath(r) for r in (base, *roots) if r)
+
+
 def resolve_path(ref: str, base: str, roots: list[str]) -> Path:
-    """The absolute path a manifest reference names, or Reject(path_outside_root / missing_file)."""
-    path = Path(ref) if os.path.isabs(ref) else Path(base) / ref
-    path = path.resolve()
-    allowed = [Path(r).resolve() for r in [base, *roots] if r]
-    if not any(path == root or root in path.parents for root in allowed):
-        raise Reject("path_outside_root", f"{ref} resolves outside {', '.join(map(str, allowed))}")
-    if not path.is_file():
+    """The absolute path a manifest reference names (symlinks resolved), or
+    Reject(path_outside_root / missing_file). Strings, not Path objects: this runs for every
+    reference of every run."""
+    path = os.path.realpath(ref if os.path.isabs(ref) else os.path.join(base, ref))
+    allowed = _allowed_roots(base, tuple(roots))
+    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in allowed):
+        raise Reject("path_outside_root", f"{ref} resolves outside {', '.join(allowed)}")
+    if not os.path.isfile(path):
         raise Reject("missing_file", f"{ref}: no such file")
-    return path
+    return Path(path)
 
 
 class ScanParams(StageParams):
     roots: list[str] = []
     http: HttpConfig = HttpConfig()
+
+
+# What the scan hands the planner per record (no media bytes).
+SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
+                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
 
 
 @register_stage
@@ -130,7 +142,7 @@ class IngestScan(Stage):
         key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         sha = self.hash_cache.get(key)
         if sha is None:
-            loc, data = self._read_ref(ref, base, urls)
+            data = _read_file(path, ref)
             self.stats.bytes_in += len(data)
             sha = content_hash(data)
         self.hash_used[key] = sha
@@ -157,10 +169,14 @@ class IngestScan(Stage):
             except (OSError, KeyError, tarfile.TarError) as exc:
                 raise Reject("missing_file", f"{ref}: {exc}") from None
         path = resolve_path(ref, base, self.params.roots)
-        try:
-            return str(path), path.read_bytes()
-        except OSError as exc:
-            raise Reject("missing_file", f"{ref}: {exc.strerror}") from None
+        return str(path), _read_file(path, ref)
+
+
+def _read_file(path: Path, ref: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise Reject("missing_file", f"{ref}: {exc.strerror}") from None
 
 
 @register_stage
