@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config import Config, ConfigError, Resources, StageConfig
 from stages.base import MODALITIES
-from stages.registry import get_stage, load_builtin
+from stages.registry import get_stage
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ def _spec(name: str, params: dict, resources: Resources) -> StageSpec:
 
 
 def build_stages(cfg: Config, num_cpus: int = 1) -> list[StageSpec]:
-    """Every stage of the processing pass, in order, parameters validated (fail before data moves)."""
-    load_builtin()
+    """Every stage of the processing pass, in order, parameters validated (fail before data moves).
+    Imports only the stage modules the config names (``get_stage``): a run that uses no torch
+    stage never imports torch."""
     ex = cfg.execution
     default = Resources(num_cpus=1, num_gpus=0, concurrency=ex.concurrency or max(1, num_cpus), batch_size=ex.batch_size)
     specs = [_spec("ingest", {}, default)]

@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
-import librosa
 import numpy as np
 import soundfile as sf
 import soxr
 from pydantic import Field
 
+from stages import dsp
 from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
 from stages.media import encode_flac
 from stages.registry import register_stage
@@ -30,7 +30,7 @@ class AudioParams(StageParams):
     min_duration_s: float = Field(0.5, ge=0.0)             # after trimming: audio_too_short
     max_duration_s: float = Field(60.0, gt=0.0)            # header, then after trimming: audio_too_long
     max_channels: int = Field(16, ge=1)
-    trim_top_db: float | None = Field(40.0, gt=0.0)        # librosa.effects.trim; None = keep edges
+    trim_top_db: float | None = Field(40.0, gt=0.0)        # as librosa.effects.trim (stages/dsp.py); None = keep edges
     silence_dbfs: float = -50.0                            # RMS of the kept clip below this: audio_silent
     normalize: Literal["peak", "rms", "none"] = "peak"
     peak_dbfs: float = Field(-1.0, le=0.0)                 # peak target, and the ceiling for "rms"
@@ -127,10 +127,6 @@ class AudioCleaner(ModalityCleaner):
         "audio_silent": "RMS of the trimmed clip below silence_dbfs",
     }
 
-    def __init__(self, params: AudioParams | dict | None = None, context=None):
-        super().__init__(params, context)
-        librosa.effects.trim(np.ones(4096, dtype=np.float32))  # pay librosa's lazy imports once, here
-
     def clean(self, value: Any) -> Cleaned:
         p: AudioParams = self.params
         if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) == 0:
@@ -143,7 +139,7 @@ class AudioCleaner(ModalityCleaner):
             wave = soxr.resample(wave, dec.sample_rate, p.sample_rate, quality=p.resample_quality).astype(np.float32)
         raw_s = wave.size / p.sample_rate
         if p.trim_top_db is not None and np.any(wave):
-            wave, _ = librosa.effects.trim(wave, top_db=p.trim_top_db)
+            wave = dsp.trim(wave, top_db=p.trim_top_db)   # librosa.effects.trim's result, without its imports
         level = rms_dbfs(wave)
         if not np.isfinite(level) or level < p.silence_dbfs:   # digital silence always counts
             raise Reject("audio_silent", f"RMS {level:.1f} dBFS < silence_dbfs {p.silence_dbfs}")

@@ -12,20 +12,32 @@ import trafilatura
 from lxml import etree
 from lxml import html as lxml_html
 from lxml_html_clean import Cleaner
-from nltk.tokenize import RegexpTokenizer, TreebankWordTokenizer, TweetTokenizer
 from pydantic import Field, model_validator
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
 from stages.registry import register_stage
 
-# NLTK tokenizers that need no downloaded data (punkt and the stopwords corpus cannot be fetched).
-TOKENIZERS: dict[str, Callable[[str], list[str]]] = {
-    "regexp": RegexpTokenizer(r"\w+(?:[-'’]\w+)*|[^\w\s]").tokenize,
-    "treebank": TreebankWordTokenizer().tokenize,
-    "tweet": TweetTokenizer().tokenize,
-}
-STOP_WORDS: dict[str, frozenset[str]] = {"english": frozenset(ENGLISH_STOP_WORDS)}
+_WORDS = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]")
+
+
+def tokenizer(name: str) -> Callable[[str], list[str]]:
+    """``regexp``: words (with inner hyphens / apostrophes) and punctuation, one ``re.findall``;
+    ``treebank`` / ``tweet``: NLTK's tokenizers that need no downloaded data (punkt cannot be
+    fetched here). NLTK is imported only when asked for: importing it costs ~1.2 s per actor."""
+    if name == "regexp":
+        return _WORDS.findall
+    from nltk.tokenize import TreebankWordTokenizer, TweetTokenizer
+
+    return {"treebank": TreebankWordTokenizer, "tweet": TweetTokenizer}[name]().tokenize
+
+
+def stop_words(name: str) -> frozenset[str]:
+    """scikit-learn's English list (NLTK's stopwords corpus cannot be downloaded here); imported
+    only when asked for: scikit-learn costs about a second to import."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return {"english": frozenset(ENGLISH_STOP_WORDS)}[name]
+
 
 _HTML_MARKUP = re.compile(  # a tag, a comment, a doctype or an entity
     r"<(?:/?[a-zA-Z][\w:-]*(?:\s[^<>]*)?/?|!--.*?--|!doctype[^<>]*)>|&(?:#\d+|#x[\da-fA-F]+|[a-zA-Z]\w{1,9});",
@@ -190,8 +202,8 @@ class TextCleaner(ModalityCleaner):
         p: TextParams = self.params
         # Junk input is expected here and recorded as rejects; trafilatura would log each as an ERROR.
         logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
-        self.tokenize = TOKENIZERS[p.tokenizer]
-        self.stop_words = STOP_WORDS[p.stopwords] if p.remove_stopwords else frozenset()
+        self.tokenize = tokenizer(p.tokenizer)
+        self.stop_words = stop_words(p.stopwords) if p.remove_stopwords else frozenset()
         self.language = None
         if p.languages:
             self.language = LanguageFilter(p.languages, p.language_min_prob, p.language_sample_chars)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import librosa
 import numpy as np
+import soxr
 from pydantic import Field
 
+from stages import dsp
 from stages.features.base import Encoder, EncoderParams, register_encoder
 from stages.features.hf import HFEncoder, HFParams, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
@@ -21,7 +22,7 @@ def load_wave(data: bytes, sample_rate: int, max_seconds: float, min_samples: in
     """Encoded audio -> mono float32 at ``sample_rate``, cut to ``max_seconds``, zero-padded to ``min_samples``."""
     wave, sr = decode_audio(data)
     if sr != sample_rate:
-        wave = librosa.resample(wave, orig_sr=sr, target_sr=sample_rate, res_type="soxr_hq")
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ")
     wave = wave[: int(max_seconds * sample_rate)]
     if len(wave) < min_samples:
         wave = np.pad(wave, (0, min_samples - len(wave)))
@@ -39,7 +40,8 @@ class LogMelParams(EncoderParams):
 
 @register_encoder
 class LogMelAudioEncoder(Encoder):
-    """Mean and std over time of log-mel bands and MFCCs, plus a few spectral statistics."""
+    """Mean and std over time of log-mel bands and MFCCs, plus a few spectral statistics
+    (librosa's definitions, computed by stages/dsp.py)."""
 
     name = "logmel"
     modality = "audio"
@@ -58,20 +60,11 @@ class LogMelAudioEncoder(Encoder):
 
     def _stats(self, wave: np.ndarray) -> np.ndarray:
         p = self.params
-        stft = dict(n_fft=p.n_fft, hop_length=p.hop_length)
-        power = np.abs(librosa.stft(wave, **stft)) ** 2
-        mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=p.sample_rate, n_mels=p.n_mels),
-                                     ref=1.0, top_db=80.0)
-        mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=p.n_mfcc)
-        nyquist = p.sample_rate / 2
-        spectral = np.vstack([
-            librosa.feature.spectral_centroid(S=np.sqrt(power), sr=p.sample_rate) / nyquist,
-            librosa.feature.spectral_bandwidth(S=np.sqrt(power), sr=p.sample_rate) / nyquist,
-            librosa.feature.spectral_rolloff(S=np.sqrt(power), sr=p.sample_rate) / nyquist,
-            librosa.feature.spectral_flatness(S=np.sqrt(power)),
-            librosa.feature.zero_crossing_rate(wave, frame_length=p.n_fft, hop_length=p.hop_length),
-            librosa.feature.rms(S=np.sqrt(power), frame_length=p.n_fft, hop_length=p.hop_length),
-        ])
+        mag = dsp.magnitude(wave, p.n_fft, p.hop_length)
+        mel_db = dsp.power_to_db(dsp.mel_filterbank(p.sample_rate, p.n_fft, p.n_mels) @ mag ** 2, top_db=80.0)
+        mfcc = dsp.mfcc(mel_db, p.n_mfcc)
+        spectral = dsp.spectral_stats(mag, wave, p.sample_rate, p.n_fft, p.hop_length)
+        spectral[:3] /= p.sample_rate / 2   # centroid, bandwidth, roll-off as fractions of Nyquist
         # dB / 10 keeps the mel and MFCC blocks in a range comparable to the spectral ratios.
         blocks = [mel_db / 10.0, mfcc / 10.0, spectral]
         return np.concatenate([np.concatenate([b.mean(axis=1), b.std(axis=1)]) for b in blocks]).astype(np.float32)
