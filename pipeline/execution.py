@@ -39,7 +39,28 @@ def init_ray(cfg: Config) -> dict[str, Any]:
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
     res = ray.cluster_resources()
     return {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0)), "dashboard_url": dashboard,
-            "remote": remote or len(ray.nodes()) > 1}
+            "remote": remote or len(ray.nodes()) > 1, "ray_started": True}
+
+
+def cluster_facts(cfg: Config) -> dict[str, Any]:
+    """Ray's facts when Ray is up or the config names a cluster (connecting to it); otherwise this
+    machine's, without starting Ray: a run whose plan the driver handles alone (``runs_locally``)
+    never needs it, and starting it costs seconds. ``ensure_ray`` starts it when a plan does."""
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return init_ray(cfg)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"num_cpus": int(cfg.ray.num_cpus or cpus), "num_gpus": int(cfg.ray.num_gpus or 0), "dashboard_url": "",
+            "remote": False, "ray_started": False}
+
+
+def ensure_ray(cfg: Config, info: dict[str, Any], log) -> dict[str, Any]:
+    """Start (or connect to) Ray if ``cluster_facts`` did not; logs the dashboard address."""
+    if info["ray_started"]:
+        return info
+    info = init_ray(cfg)
+    if info.get("dashboard_url"):
+        log(f"Ray dashboard: http://{info['dashboard_url']}")
+    return info
 
 
 class StageChain:

@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError
-from pipeline.execution import init_ray, process, runs_locally
+from pipeline.execution import cluster_facts, ensure_ray, process, runs_locally
 from pipeline.plan import Lineage, build_stages, fingerprints, make_plan
 from pipeline.runner import new_run_id, scan
 from pipeline.schema import normalize_batch
@@ -47,7 +47,7 @@ def predict_records(cfg: Config, model_dir: Path, out: Path) -> str:
     specs = [s for s in build_stages(cfg) if not s.name.startswith(SKIPPED)]
     check_fingerprints(metrics.get("stage_fingerprints", {}), specs, loaded.spec.modalities)
     records = read_source(cfg.source)
-    info = init_ray(cfg)
+    info = cluster_facts(cfg)
     specs = [s for s in build_stages(cfg, info["num_cpus"]) if not s.name.startswith(SKIPPED)]
     fps = fingerprints(cfg, specs)
     context = StageContext(run_id=new_run_id(), seed=cfg.seed, bad_modality=cfg.bad_modality)
@@ -56,8 +56,11 @@ def predict_records(cfg: Config, model_dir: Path, out: Path) -> str:
     rejects = [{"id": r["id"], "stage": r["reject_stage"], "reason": r["reject_reason"], "detail": r["reject_detail"]}
                for r in plan.rejects]
     parts = []
+    local = runs_locally(plan.rows, specs, cfg)
+    if plan.rows and not local:
+        info = ensure_ray(cfg, info, lambda _: None)
     if plan.rows:
-        for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], runs_locally(plan.rows, specs, cfg)):
+        for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local):
             batch = normalize_batch(batch)
             ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
             rejects += [{"id": batch["id"][i], "stage": batch["reject_stage"][i], "reason": batch["reject_reason"][i],

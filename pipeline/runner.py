@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.execution import StageChain, init_ray, process, runs_locally, stage_metrics
+from pipeline.execution import StageChain, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
 from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
 from pipeline.schema import FEATURES_SCHEMA
 from pipeline.sinks import RunSink, SinkResult, rejects_table
@@ -172,7 +172,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
     records = read_source(cfg.source)
     started = time.time()
     with store.lock(run_id):
-        info = init_ray(cfg)
+        info = cluster_facts(cfg)
         if info.get("dashboard_url"):
             log(f"Ray dashboard: http://{info['dashboard_url']}")
         specs: list[StageSpec] = build_stages(cfg, info["num_cpus"])
@@ -192,6 +192,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
             f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
         local = runs_locally(plan.rows, specs, cfg)
+        if plan.rows and not local and not info["ray_started"]:
+            with phases("ray_start"):   # only now: a small or empty plan never pays for it
+                info = ensure_ray(cfg, info, log)
+                specs = build_stages(cfg, info["num_cpus"])
         with phases("dedup_index"):
             index = _start_dedup(cfg, specs, store, plan, run_id, local)
         staging = store.local_dir("_staging", run_id)

@@ -3,6 +3,8 @@ time travel, and one writer at a time."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ from deltalake import DeltaTable
 from pipeline.demo import _audio, _image, make_demo
 from pipeline.runner import run
 from pipeline.store import Store, StoreBusy
-from tests.pipeline.helpers import config
+from tests.pipeline.helpers import config, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 N = 100
 
@@ -150,6 +154,19 @@ def test_small_plans_run_in_the_driver_with_the_same_result(own, tmp_path):
         assert a[key]["sha_sample"] == b[key]["sha_sample"] and a[key]["split"] == b[key]["split"]
         for m in ("image", "text", "audio"):
             np.testing.assert_allclose(a[key][f"{m}_emb"], b[key][f"{m}_emb"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_plan_the_driver_handles_never_starts_ray(own, tmp_path):
+    """A fresh process (as `mmpipe run` is) whose plan is small runs without starting Ray at all."""
+    folder, manifest = own
+    write_config(tmp_path, {"source": {"path": str(manifest)}, "store": str(tmp_path / "s"),
+                            "execution": {"local_max_rows": 1000}})
+    code = ("import json, ray; from pipeline.config import load_config; from pipeline.runner import run; "
+            f"rec = run(load_config({str(tmp_path / 'config.yaml')!r}), log=lambda s: None).record; "
+            "print(json.dumps([ray.is_initialized(), rec['execution'], rec['counts']['processed']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, "driver", N]
 
 
 def test_a_file_rewritten_in_place_is_seen_despite_the_hash_cache(own, tmp_path):
