@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
 import tarfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -40,11 +41,28 @@ def _allowed_roots(base: str, roots: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(os.path.realpath(r) for r in (base, *roots) if r)
 
 
-def resolve_path(ref: str, base: str, roots: list[str]) -> Path:
+def realpath(path: str, real_dirs: dict[str, str] | None = None) -> str:
+    """``os.path.realpath``, with the folders' real paths kept in ``real_dirs`` (one scan's
+    lifetime): a file whose name is not a symlink costs one lstat instead of one per component."""
+    head, tail = os.path.split(path)
+    if real_dirs is None or tail in ("", ".", "..") or ".." in head.split(os.sep):
+        return os.path.realpath(path)   # ".." must be resolved after the symlinks before it
+    if head not in real_dirs:
+        real_dirs[head] = os.path.realpath(head)
+    real = os.path.join(real_dirs[head], tail)
+    try:
+        if stat.S_ISLNK(os.lstat(real).st_mode):
+            return os.path.realpath(path)
+    except OSError:
+        pass   # missing: the caller reports it
+    return real
+
+
+def resolve_path(ref: str, base: str, roots: list[str], real_dirs: dict[str, str] | None = None) -> Path:
     """The absolute path a manifest reference names (symlinks resolved), or
     Reject(path_outside_root / missing_file). Strings, not Path objects: this runs for every
     reference of every run."""
-    path = os.path.realpath(ref if os.path.isabs(ref) else os.path.join(base, ref))
+    path = realpath(ref if os.path.isabs(ref) else os.path.join(base, ref), real_dirs)
     allowed = _allowed_roots(base, tuple(roots))
     if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in allowed):
         raise Reject("path_outside_root", f"{ref} resolves outside {', '.join(allowed)}")
@@ -78,6 +96,7 @@ class IngestScan(Stage):
         # file is not read again. The runner loads and saves it next to the store.
         self.hash_cache: dict[tuple, str] = hash_cache if hash_cache is not None else {}
         self.hash_used: dict[tuple, str] = {}   # the entries this scan needed: what is worth keeping
+        self.real_dirs: dict[str, str] = {}     # folder -> its real path, for this scan only
 
     @property
     def fetcher(self):
@@ -134,7 +153,7 @@ class IngestScan(Stage):
             loc, data = self._read_ref(ref, base, urls)
             self.stats.bytes_in += len(data)
             return loc, content_hash(data)
-        path = resolve_path(ref, base, self.params.roots)
+        path = resolve_path(ref, base, self.params.roots, self.real_dirs)
         try:
             st = path.stat()
         except OSError as exc:
