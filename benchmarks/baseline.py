@@ -1,11 +1,20 @@
 """The plain single-process baselines: the same stage classes the pipeline runs, instantiated in
-this process and called in a loop over the same batches (no Ray, no sinks, no commits)."""
+this process and called in a loop over the same batches (no Ray, no sinks, no commits).
+
+As a script it is the whole-pipeline baseline in a fresh process, so that it pays for importing
+its libraries as the pipeline's actors do: ``python benchmarks/baseline.py MANIFEST --batch-size 32``
+prints one JSON line (wall seconds from the process's start; scan and per-stage seconds).
+It writes what the pipeline writes (shards, features table), with the pipeline's own sink code.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,8 +53,10 @@ class LoopResult:
         return self.rows / self.seconds if self.seconds else float("nan")
 
 
-def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = False) -> LoopResult:
-    """Call ``stages`` in order over ``rows`` in batches of ``batch_size``; time each stage."""
+def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = False,
+               on_batch: Callable[[Batch], None] | None = None) -> LoopResult:
+    """Call ``stages`` in order over ``rows`` in batches of ``batch_size``; time each stage;
+    hand each output batch to ``on_batch`` (a sink) when given."""
     per_stage: dict[str, float] = defaultdict(float)
     out: list[Batch] = []
     start = time.perf_counter()
@@ -57,14 +68,15 @@ def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = Fal
             per_stage[stage.name] += time.perf_counter() - t
         if keep:
             out.append(batch)
+        if on_batch is not None:
+            on_batch(batch)
     return LoopResult(len(rows), time.perf_counter() - start, dict(per_stage), out)
 
 
 def scan_rows(cfg: Any, context: StageContext) -> tuple[list[dict], float]:
     """Pass 1 in this process: the ``ingest.scan`` stage over the source records (as the runner does)."""
-    from pipeline.runner import SCAN_COLUMNS
     from pipeline.sources import read_source
-    from stages.ingest import IngestScan
+    from stages.ingest import SCAN_COLUMNS, IngestScan
 
     start = time.perf_counter()
     rows = []
@@ -82,20 +94,12 @@ def scan_rows(cfg: Any, context: StageContext) -> tuple[list[dict], float]:
     return scanned, time.perf_counter() - start
 
 
-def warm_imports(cfg: Any) -> None:
-    """Import every stage module ``cfg`` uses, so the baseline timer does not count imports (the
-    pipeline's actors do pay theirs, inside actor start-up: this favours the baseline)."""
-    from pipeline.plan import build_stages
-    from stages.registry import get_stage
-
-    for spec in build_stages(cfg, 1):
-        get_stage(spec.name)
-    import pipeline.runner  # noqa: F401
-
-
-def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False) -> tuple[LoopResult, float]:
+def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False,
+                   write: bool = False) -> tuple[LoopResult, float]:
     """The whole processing pass in one process: scan, plan, then every stage of ``cfg`` (or those
     before ``upto``) over batches of ``execution.batch_size``. Returns (loop result, scan seconds).
+    With ``write``, the outputs the pipeline writes too: WebDataset shards and the features table
+    (the pipeline's own sink, then one Delta write); not the rejects table or a run record.
 
     Must run before Ray starts: the dedup index is then an in-process object."""
     import ray
@@ -108,7 +112,8 @@ def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False) -> tup
     context = StageContext(run_id="baseline", seed=cfg.seed, bad_modality=cfg.bad_modality)
     scanned, scan_s = scan_rows(cfg, context)
     specs = build_stages(cfg, 1)
-    plan = make_plan(scanned, Lineage(), fingerprints(cfg, specs), cfg)
+    fps = fingerprints(cfg, specs)
+    plan = make_plan(scanned, Lineage(), fps, cfg)
     if upto is not None:
         specs = specs[:[s.name for s in specs].index(upto)]
     dedup = next((s for s in specs if s.name == "dedup"), None)
@@ -117,8 +122,58 @@ def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False) -> tup
     try:
         start = time.perf_counter()
         stages = [get_stage(s.name)(s.params, context) for s in specs]
-        result = run_stages(stages, plan.rows, cfg.execution.batch_size, keep=keep)
+        sink = _sink(cfg, context.run_id, fps) if write else None
+        result = run_stages(stages, plan.rows, cfg.execution.batch_size, keep=keep,
+                            on_batch=sink.add if sink else None)
+        if sink is not None:
+            _commit(sink, context.run_id)
         result.seconds = time.perf_counter() - start   # stage construction (model loads) counts too
     finally:
         close_index(index_name(context.run_id))
     return result, scan_s
+
+
+def _sink(cfg: Any, run_id: str, fps: dict):
+    from pipeline.sinks import RunSink
+    from pipeline.store import Store
+
+    store = Store(cfg.store)
+    return RunSink(store, run_id, fps, store.local_dir("_staging", run_id), cfg.execution.shard_max_count)
+
+
+def _commit(sink: Any, run_id: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    result = sink.close()
+    table = pa.concat_tables([pq.read_table(p) for p in result.staged]).drop_columns(["keep"])
+    sink.shards.store.merge("features", table, pa.table({"id": pa.array([], pa.string())}), run_id)
+
+
+def process_start() -> float:
+    """This process's start as a ``time.time()`` value (Linux /proc; else now)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = float(open("/proc/stat").read().split("btime")[1].split()[0])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return time.time()
+
+
+def main() -> None:
+    start = process_start()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("manifest")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--work", default="pipeline-baseline", help="folder under benchmarks/_work for its outputs")
+    args = ap.parse_args()
+    from common import pipeline_config, work_dir
+
+    cfg = pipeline_config(args.manifest, work_dir(args.work), batch_size=args.batch_size)
+    loop, scan_s = plain_pipeline(cfg, write=True)
+    print(json.dumps({"wall_s": time.time() - start, "scan_s": scan_s,
+                      "rows": loop.rows, "stage_seconds": loop.stage_seconds}))
+
+
+if __name__ == "__main__":
+    main()
