@@ -65,9 +65,9 @@ def scan(records: list[SourceRecord], cfg: Config, context: StageContext, num_cp
          on_cluster: bool = False, hash_cache: dict | None = None) -> tuple[list[dict], list]:
     """Pass 1: resolve, fetch and hash every record (small output, no media bytes).
 
-    On a cluster the scan runs in Ray actors near the data; on one machine it runs in driver
-    threads (file reads and sha256 release the GIL), which saves an actor pool's start-up on
-    every run, the main fixed cost of a small incremental run."""
+    On a cluster the scan runs in Ray actors near the data; on one machine it runs in the driver
+    (one thread: see ``_scan_local``), which saves an actor pool's start-up on every run, the main
+    fixed cost of a small incremental run."""
     rows = []
     for rec in records:
         d = rec.to_dict()
