@@ -1,8 +1,10 @@
-"""Batches laid out as the runner builds them, for stage unit tests."""
+"""Batches laid out as the runner builds them, and reject checks, for stage unit tests."""
 from __future__ import annotations
 
+import pytest
+
 from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
-from stages.base import object_column
+from stages.base import ModalityCleaner, Reject, object_column
 
 
 def make_batch(**media: list) -> dict:
@@ -16,3 +18,11 @@ def make_batch(**media: list) -> dict:
     for m in MEDIA_COLUMNS:
         batch[m] = object_column(media.get(m, [None] * n))
     return batch
+
+
+def reason_of(cleaner: ModalityCleaner, value: object) -> str:
+    """The reason ``cleaner`` rejects ``value`` with; it must be one the cleaner declares."""
+    with pytest.raises(Reject) as info:
+        cleaner.clean(value)
+    assert info.value.reason in cleaner.reasons
+    return info.value.reason

@@ -12,7 +12,7 @@ from stages.base import Reject
 from stages.cleanup import audio as audio_mod
 from stages.cleanup.audio import AudioCleaner, rms_dbfs
 from stages.registry import STAGES
-from tests.stages.helpers import make_batch
+from tests.stages.helpers import make_batch, reason_of
 
 
 def speech(sr: int, seconds: float = 1.5, pad: float = 0.5, level: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -31,12 +31,6 @@ def encode(wave: np.ndarray, sr: int, fmt: str = "WAV", subtype: str | None = No
     sf.write(buf, wave, sr, format=fmt, subtype=subtype)
     return buf.getvalue()
 
-
-def reason_of(cleaner: AudioCleaner, value: object) -> str:
-    with pytest.raises(Reject) as info:
-        cleaner.clean(value)
-    assert info.value.reason in cleaner.reasons
-    return info.value.reason
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from stages.base import Reject
 from stages.cleanup import image as image_mod
 from stages.cleanup.image import ImageCleaner
 from stages.media import decode_image, image_format
 from stages.registry import STAGES
-from tests.stages.helpers import make_batch
+from tests.stages.helpers import make_batch, reason_of
 
 
 def scene(h: int = 240, w: int = 320, seed: int = 0) -> np.ndarray:
@@ -48,12 +47,6 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
-
-def reason_of(cleaner: ImageCleaner, value: object) -> str:
-    with pytest.raises(Reject) as info:
-        cleaner.clean(value)
-    assert info.value.reason in cleaner.reasons
-    return info.value.reason
 
 
 def test_registered():

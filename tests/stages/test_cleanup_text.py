@@ -7,11 +7,11 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from stages.base import Reject, StageContext
+from stages.base import StageContext
 from stages.cleanup import text as text_mod
 from stages.cleanup.text import TextCleaner
 from stages.registry import STAGES
-from tests.stages.helpers import make_batch
+from tests.stages.helpers import make_batch, reason_of
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><title>Otter news</title>
@@ -33,12 +33,6 @@ disappeared during the last century.</p>
 <script>console.log("MORE_SCRIPT_TEXT")</script>
 </body></html>"""
 
-
-def reason_of(cleaner: TextCleaner, value: object) -> str:
-    with pytest.raises(Reject) as info:
-        cleaner.clean(value)
-    assert info.value.reason in cleaner.reasons
-    return info.value.reason
 
 
 def test_registered():
