@@ -28,7 +28,6 @@ from stages.base import MODALITIES, StageContext
 from stages.ingest import SCAN_COLUMNS
 
 
-
 def _fault_point(name: str) -> None:
     """Crash-safety tests SIGKILL the run here (MMPIPE_KILL_AT=name); a no-op otherwise."""
     if os.environ.get("MMPIPE_KILL_AT") == name:

@@ -2,7 +2,6 @@
 load the bytes into the batch for the processing pass (load)."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import stat
@@ -36,11 +35,6 @@ def read_tar_member(ref: str) -> bytes:
         return f.read()
 
 
-@functools.lru_cache(maxsize=256)
-def _allowed_roots(base: str, roots: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(os.path.realpath(r) for r in (base, *roots) if r)
-
-
 def realpath(path: str, real_dirs: dict[str, str] | None = None) -> str:
     """``os.path.realpath``, with the folders' real paths kept in ``real_dirs`` (one scan's
     lifetime): a file whose name is not a symlink costs one lstat instead of one per component."""
@@ -63,7 +57,11 @@ def resolve_path(ref: str, base: str, roots: list[str], real_dirs: dict[str, str
     Reject(path_outside_root / missing_file). Strings, not Path objects: this runs for every
     reference of every run."""
     path = realpath(ref if os.path.isabs(ref) else os.path.join(base, ref), real_dirs)
-    allowed = _allowed_roots(base, tuple(roots))
+    folders = real_dirs if real_dirs is not None else {}   # the roots are folders too: same cache, same lifetime
+    for root in (base, *roots):
+        if root and root not in folders:
+            folders[root] = os.path.realpath(root)
+    allowed = [folders[root] for root in (base, *roots) if root]
     if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in allowed):
         raise Reject("path_outside_root", f"{ref} resolves outside {', '.join(allowed)}")
     if not os.path.isfile(path):
