@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import ray
 
@@ -17,6 +17,9 @@ from pipeline.config import Config, Resources
 from pipeline.plan import StageSpec
 from pipeline.schema import normalize_batch
 from stages.base import Batch, StageContext, num_rows, object_column
+
+TASKS_IN_FLIGHT = 4   # Ray Data tasks queued per actor
+BLOCKS_PER_CPU = 8    # blocks at least, where the rows allow: the last ones keep every actor busy
 
 
 def init_ray(cfg: Config) -> dict[str, Any]:
@@ -67,16 +70,26 @@ class StageChain:
     """Runs a fused group of stages inside one Ray actor; per-stage timings ride along in a
     ``_stats_<group>`` column (first row of each batch) so the driver can report them."""
 
-    def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int):
+    def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None):
         from stages.registry import get_stage
 
         _match_library_threads()
         ctx = StageContext(**context)
         self.stages = [get_stage(name)(params, ctx) for name, params in specs]
         self.group = group
+        self.batch_size = batch_size
         self.metrics = stage_metrics()
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch) -> Iterator[Batch]:
+        """A block may hold several stage batches: the stages see ``batch_size`` rows at a time
+        (an encoder's batch), each result is yielded as it is done."""
+        n, size = num_rows(batch), self.batch_size or num_rows(batch) or 1
+        for k in range(0, n, size):
+            out = self.run_batch({key: col[k:k + size] for key, col in batch.items()} if n > size else batch)
+            if num_rows(out):
+                yield out
+
+    def run_batch(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
         stats: dict[str, list[float]] = {}
         for stage in self.stages:
@@ -128,25 +141,42 @@ def group_stages(specs: list[StageSpec], fuse: bool) -> list[Group]:
     return groups
 
 
+def block_rows(n_rows: int, groups: list[Group], cfg: Config, num_cpus: int) -> int:
+    """Rows per Ray Data block, the unit of a task. Each task costs a scheduling round trip, an
+    object-store put and a batch conversion, so a block holds several stage batches (up to
+    ``execution.block_rows``) — but no fewer than BLOCKS_PER_CPU blocks per CPU where the rows allow
+    (the last blocks keep every actor busy to the end), and never less than the largest stage batch
+    (a GPU encoder's batch is not cut up)."""
+    largest = max((g.resources.batch_size for g in groups), default=cfg.execution.batch_size)
+    spread = math.ceil(n_rows / max(1, num_cpus * BLOCKS_PER_CPU))
+    return max(largest, min(cfg.execution.block_rows, spread))
+
+
 def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config,
                   num_cpus: int) -> "ray.data.Dataset":
     """The processing pass as a lazy Ray Dataset (nothing runs until it is iterated)."""
     groups = group_stages(specs, cfg.execution.fuse)
-    first_batch = groups[0].resources.batch_size if groups else cfg.execution.batch_size
-    blocks = max(1, min(len(rows), max(num_cpus * 4, len(rows) // max(1, first_batch))))
+    per_block = block_rows(len(rows), groups, cfg, num_cpus)
+    blocks = max(1, math.ceil(len(rows) / per_block))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for k, g in enumerate(groups):
-        # A small run (an incremental one) starts no more actors than it has batches: each actor
+        # A small run (an incremental one) starts no more actors than it has blocks: each actor
         # start imports and loads every stage of its group, seconds of work for nothing.
-        actors = max(1, min(g.resources.concurrency, math.ceil(len(rows) / g.resources.batch_size)))
+        actors = max(1, min(g.resources.concurrency, blocks))
         ds = ds.map_batches(
             StageChain,
             fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
-                                   "context": context.model_dump(), "group": k},
-            compute=ray.data.ActorPoolStrategy(size=actors),
+                                   "context": context.model_dump(), "group": k,
+                                   "batch_size": g.resources.batch_size},
+            # Four tasks queued per actor (Ray Data's default is two): with two, an actor on a busy
+            # 2-core machine waited for its next block ~30 % of the time (measured in
+            # benchmarks/bench_features.py; four: ~5 %).
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
             num_cpus=g.resources.num_cpus,
             num_gpus=g.resources.num_gpus or None,
-            batch_size=g.resources.batch_size,
+            # The first pool takes whole blocks (StageChain cuts them into stage batches); later
+            # ones re-bundle what rejects and dedup thinned out, so a GPU batch stays full.
+            batch_size=None if k == 0 else per_block,
             batch_format="numpy",
             zero_copy_batch=False,
             # Ray Data's actor pools restart a dead actor and retry its batches by default
@@ -157,10 +187,10 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
 
 def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, batch_size: int) -> Iterable[Batch]:
     """The same stages, fused into one chain, in this process: the small-plan fast path."""
-    chain = StageChain([(s.name, s.params) for s in specs], context.model_dump(), 0)
+    chain = StageChain([(s.name, s.params) for s in specs], context.model_dump(), 0, batch_size)
     for k in range(0, len(rows), batch_size):
         part = rows[k:k + batch_size]
-        yield chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
+        yield from chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
 
 
 def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:

@@ -1,0 +1,80 @@
+"""Blocks and stage batches: a Ray Data block holds several stage batches; the stages still see
+their own batch size, and the result is the one the driver's local path gives."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+from pipeline import execution
+from pipeline.config import Config, Resources
+from pipeline.demo import make_demo
+from pipeline.execution import Group, StageChain, block_rows
+from pipeline.runner import run
+from tests.pipeline.helpers import config
+from tests.stages.helpers import make_batch
+
+
+def _groups(*batch_sizes: int) -> list[Group]:
+    return [Group([], Resources(batch_size=b)) for b in batch_sizes]
+
+
+def test_block_rows_spread_capped_and_never_below_a_stage_batch():
+    cfg = Config.model_validate({"execution": {"block_rows": 256, "batch_size": 32}})
+    assert block_rows(30_000, _groups(32), cfg, num_cpus=2) == 256      # capped
+    assert block_rows(3_008, _groups(32), cfg, num_cpus=2) == 188       # 16 blocks: 8 per CPU
+    assert block_rows(100, _groups(32), cfg, num_cpus=2) == 32          # one stage batch at least
+    assert block_rows(30_000, _groups(32, 512), cfg, num_cpus=2) == 512  # a GPU batch is not cut
+
+
+class _Recorder:
+    """A stage that records the batch sizes it is called with and drops every third row."""
+    name = "recorder"
+
+    def __init__(self):
+        self.sizes: list[int] = []
+        self.stats = SimpleNamespace(rejected={})
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch["id"]))
+        keep = np.arange(len(batch["id"])) % 3 != 2
+        return {k: v[keep] for k, v in batch.items()}
+
+
+def test_stage_chain_cuts_a_block_into_stage_batches():
+    chain = StageChain([], {}, group=0, batch_size=32)
+    chain.stages = [recorder := _Recorder()]
+    block = make_batch(text=[f"t{i}" for i in range(70)])
+    out = list(chain(block))
+    assert recorder.sizes == [32, 32, 6]
+    ids = [i for b in out for i in b["id"]]
+    assert ids == [f"row{i}" for i in range(70) if i % 32 % 3 != 2]
+    for b in out:   # per-batch stage timings ride in the first row
+        assert b["_stats_0"][0] and not any(b["_stats_0"][1:])
+
+
+def test_blocks_of_several_batches_give_the_local_result(tmp_path, ray_session, monkeypatch):
+    manifest = make_demo(tmp_path / "data", n=40)   # 48 rows with the bad ones
+    monkeypatch.setattr(execution, "BLOCKS_PER_CPU", 1)   # 2 blocks of 24 rows, not 16 of 3
+
+    def features(name: str, execution: dict):
+        folder, store = tmp_path / name, tmp_path / name / "store"
+        folder.mkdir()
+        run(config(folder, manifest, store, {"execution": execution}), log=lambda s: None)
+        table = DeltaTable(str(store / "features")).to_pyarrow_table(
+            columns=["id", "aug", "image_emb", "text_emb", "audio_emb"])
+        return table.sort_by([("id", "ascending"), ("aug", "ascending")])
+
+    # Ray Data blocks of 24 rows, stage batches of 8: each task runs three stage batches.
+    assert block_rows(48, _groups(8), Config.model_validate({"execution": {"block_rows": 24}}), 2) == 24
+    on_ray = features("ray", {"batch_size": 8, "block_rows": 24, "local_max_rows": 0})
+    local = features("local", {"batch_size": 8, "local_max_rows": 10_000})
+    assert on_ray.num_rows > 30
+    assert on_ray["id"].to_pylist() == local["id"].to_pylist()
+    for col in ("image_emb", "text_emb", "audio_emb"):
+        assert pc.all(pc.equal(pc.list_value_length(on_ray[col]), pc.list_value_length(local[col]))).as_py()
+        np.testing.assert_array_equal(np.asarray(on_ray[col].combine_chunks().flatten()),
+                                      np.asarray(local[col].combine_chunks().flatten()))
+
