@@ -168,7 +168,9 @@ def main() -> None:
     ap.add_argument("--work", default="pipeline-baseline", help="folder under benchmarks/_work for its outputs")
     args = ap.parse_args()
     from common import pipeline_config, work_dir
+    from stages.base import match_library_threads
 
+    match_library_threads()   # OpenCV follows OMP_NUM_THREADS where it is set, as in the actors
     cfg = pipeline_config(args.manifest, work_dir(args.work), batch_size=args.batch_size)
     loop, scan_s = plain_pipeline(cfg, write=True)
     print(json.dumps({"wall_s": time.time() - start, "scan_s": scan_s,

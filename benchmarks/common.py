@@ -21,6 +21,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+# How a plain loop's libraries may use threads. Its fastest counts: on a 2-core machine library
+# thread pools (OpenBLAS, OpenCV) sometimes help a single process by ~8 % and sometimes slow it by
+# 10-20 % (oversubscription); "1 thread" is how the pipeline's 1-CPU actors run.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+THREADINGS = {"library threads": {}, "1 thread": ONE_THREAD}
+
+
 def work_dir(name: str, fresh: bool = True) -> Path:
     path = WORK / name
     if fresh:

@@ -23,7 +23,7 @@ NOTES_MARKER = "<!-- notes: kept by run_all.py -->"
 # name -> (script, default args, --quick args)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "pipeline": ("bench_pipeline.py", [], ["--n", "300", "--repeat", "1", "--no-ceiling"]),
-    "features": ("bench_features.py", [], ["--rows", "600", "--unique", "100"]),
+    "features": ("bench_features.py", [], ["--rows", "600", "--unique", "100", "--repeat", "1"]),
     "memory": ("bench_memory.py", [], ["--n", "50"]),
     "incremental": ("bench_incremental.py", [], ["--n", "300", "--no-cli"]),
     "train": ("bench_train.py", [], ["--rows", "2000", "--epochs", "2"]),

@@ -16,7 +16,7 @@ import ray
 from pipeline.config import Config, Resources
 from pipeline.plan import StageSpec
 from pipeline.schema import normalize_batch
-from stages.base import Batch, StageContext, num_rows, object_column
+from stages.base import Batch, StageContext, match_library_threads, num_rows, object_column
 
 TASKS_IN_FLIGHT = 4   # Ray Data tasks queued per actor
 BLOCKS_PER_CPU = 8    # blocks at least, where the rows allow: the last ones keep every actor busy
@@ -73,7 +73,7 @@ class StageChain:
     def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None):
         from stages.registry import get_stage
 
-        _match_library_threads()
+        match_library_threads()
         ctx = StageContext(**context)
         self.stages = [get_stage(name)(params, ctx) for name, params in specs]
         self.group = group
@@ -104,17 +104,6 @@ class StageChain:
         if n:
             batch[f"_stats_{self.group}"] = object_column([json.dumps(stats)] + [""] * (n - 1))
         return batch
-
-
-def _match_library_threads() -> None:
-    """OpenCV sizes its thread pool by the machine's cores, not the actor's CPUs: two 1-CPU actors
-    on a 2-core machine would run four busy threads. Ray sets OMP_NUM_THREADS (what numpy's BLAS
-    and torch follow) to the actor's CPUs; give OpenCV the same."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        import cv2
-
-        cv2.setNumThreads(int(threads))
 
 
 def stage_metrics():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -189,3 +190,15 @@ class ModalityCleaner(Stage):
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
         if all(batch[other][i] is None for other in MODALITIES):
             self.reject(batch, i, "no_modality", f"every modality dropped: {dropped}")
+
+
+def match_library_threads() -> None:
+    """OpenCV sizes its thread pool by the machine's cores, not the actor's CPUs: two 1-CPU actors
+    on a 2-core machine would run four busy threads. Ray sets OMP_NUM_THREADS (what numpy's BLAS
+    and torch follow) to the actor's CPUs; give OpenCV the same (the benchmarks' single-threaded
+    plain loops call it too)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import cv2
+
+        cv2.setNumThreads(int(threads))
