@@ -155,7 +155,7 @@ def main() -> None:
     title = "resnet50 (random weights) on GPU" if args.gpu else "weight-free encoders hist / hashed / logmel"
     report = Report(f"Feature extraction (pre-cleaned rows, {title}; stages {', '.join(s.name for s in specs)})",
                     ["rows", "round", "run", "rows/s", "vs plain loop"])
-    import ray
+    import ray   # here, not at the top: the plain loop's process runs this file and times its imports
 
     for n in sizes:
         ratios = []
@@ -185,7 +185,7 @@ def main() -> None:
                 "start: unpickling the rows, imports, stage construction (model loads), stages, run with its "
                 "libraries' default threads and with 1 thread (as the actors), the faster counting; ratios are "
                 "taken within a round (the host's speed drifts over minutes); on 2 cores two "
-                "single-threaded copies of a loop reach only 1.65-1.80x one (see the pipeline section)")
+                "single-threaded copies of a loop reach only 1.5-2.0x one (see the pipeline section)")
     report.print()
 
 

@@ -77,7 +77,7 @@ class ExecutionConfig(Strict):
     fuse: bool = True             # run consecutive stages with equal resources in one actor pool
     shard_max_count: int = Field(1000, ge=1)
     # Rows per Ray Data block (one task): several stage batches, so that scheduling, object-store
-    # puts and conversions are paid per block, not per batch. Smaller for small runs (4 blocks per CPU).
+    # puts and conversions are paid per block, not per batch. Smaller for small runs (8 blocks per CPU).
     block_rows: int = Field(256, ge=1)
     # Plans this small (typical incremental runs) skip the actor pools and run the stages in the
     # driver: an actor pool's start-up costs more than the work. 0 = always use Ray Data.
