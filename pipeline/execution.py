@@ -157,9 +157,9 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
             fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
                                    "context": context.model_dump(), "group": k,
                                    "batch_size": g.resources.batch_size},
-            # Four tasks queued per actor (Ray Data's default is two): with two, an actor on a busy
-            # 2-core machine waited for its next block ~30 % of the time (measured in
-            # benchmarks/bench_features.py; four: ~5 %).
+            # Four tasks queued per actor (Ray Data's default is two): with two, each actor on a busy
+            # 2-core machine was busy only 68 % of the time, waiting for its next block; over 12000
+            # feature rows the machine was 82 % busy with two queued, 96 % with four (RESULTS.md).
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
             num_cpus=g.resources.num_cpus,
             num_gpus=g.resources.num_gpus or None,
