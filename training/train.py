@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,12 +67,16 @@ def _fit_local(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir:
 
 
 def _maybe_fail(fault: str | None, epoch: int, rank: int, world: int) -> None:
-    """Fault injection for the recovery test: the last rank dies once at the given epoch."""
+    """Fault injection for the recovery test: the last rank dies once at the given epoch. It first
+    waits out two of the controller's polls (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+    default): a report not yet polled when a worker dies is dropped, and on a fast machine every
+    earlier epoch's checkpoint could be lost that way, leaving nothing to resume from."""
     if not fault or rank != world - 1:
         return
     at, marker = fault.split(":", 1)
     if epoch == int(at) and not os.path.exists(marker):
         Path(marker).write_text(str(epoch))
+        time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
         os._exit(1)
 
 
