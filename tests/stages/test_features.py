@@ -120,6 +120,38 @@ def test_text_hashed_separates_topics():
     np.testing.assert_array_equal(encode_all("text", "hashed", [""]), np.zeros((1, 1024), np.float32))
 
 
+
+@pytest.mark.parametrize("params", [{}, {"word_ngrams": (1, 1), "char_ngrams": (3, 5), "lowercase": False},
+                                    {"word_ngrams": (2, 3), "word_features": 64, "char_features": 32}])
+def test_text_hashed_counts_equal_scikit_learns_hashing_vectorizer(params):
+    """The hand-made analyzers + mmh3 give scikit-learn's counts, cell for cell (short words,
+    runs of whitespace, accents, CJK, punctuation, repeated words, one-word and empty texts)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    rng = np.random.default_rng(4)
+    texts = [sentence(t, rng) for t in ("sport", "food") * 5] + [
+        "", "a", "ab", "I  am\t\n a   test", "Café DÉJÀ vu -- naïve!!", "the the the cat", "日本語のテキスト です",
+        "x" * 7, "  leading and trailing  ", "e-mail: someone@example.com, 3.14 apples; (ok)"]
+    enc = get_encoder("text", "hashed")(params)
+    p = enc.params
+    for (analyzer, n_features), kind, ngrams in zip(enc.analyzers, ("word", "char_wb"),
+                                                   (p.word_ngrams, p.char_ngrams)):
+        reference = HashingVectorizer(n_features=n_features, analyzer=kind, ngram_range=ngrams, alternate_sign=False,
+                                      norm=None, lowercase=p.lowercase, dtype=np.float32).transform(texts).toarray()
+        prepared = [t.lower() for t in texts] if p.lowercase else texts
+        np.testing.assert_array_equal(enc.counts(prepared, analyzer, n_features), reference)
+
+
+def test_text_hashed_encoder_does_not_import_scikit_learn():
+    """scikit-learn's import costs every actor ~1.8 s of CPU; the hashed encoder must not pull it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from stages.features import get_encoder; "
+            "get_encoder('text', 'hashed')({}).embed(['a small test']); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
 def test_audio_logmel_separates_tones_from_noise():
     rng = np.random.default_rng(2)
     labels = np.array([0, 1] * 6)
