@@ -120,7 +120,6 @@ def test_text_hashed_separates_topics():
     np.testing.assert_array_equal(encode_all("text", "hashed", [""]), np.zeros((1, 1024), np.float32))
 
 
-
 @pytest.mark.parametrize("params", [{}, {"word_ngrams": (1, 1), "char_ngrams": (3, 5), "lowercase": False},
                                     {"word_ngrams": (2, 3), "word_features": 64, "char_features": 32}])
 def test_text_hashed_counts_equal_scikit_learns_hashing_vectorizer(params):
@@ -151,6 +150,7 @@ def test_text_hashed_encoder_does_not_import_scikit_learn():
             "get_encoder('text', 'hashed')({}).embed(['a small test']); print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
 
 def test_audio_logmel_separates_tones_from_noise():
     rng = np.random.default_rng(2)
