@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class ShardSink:
         self.shard_index, self.count, self.total = -1, 0, 0
         self._stream = self._writer = None
         self.current = ""
+        # One whole-second mtime for every member: with webdataset's default (time.time(), a
+        # float) tarfile adds a PAX header to each member, 1 KB and ~40 % of the writing CPU.
+        self.mtime = int(time.time())
 
     def _open_next(self) -> None:
         self.close()
@@ -42,7 +46,7 @@ class ShardSink:
         path = self.store.path_of(self.current)
         self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self._stream = self.store.fs.open_output_stream(path)
-        self._writer = wds.TarWriter(self._stream)
+        self._writer = wds.TarWriter(self._stream, mtime=self.mtime)
         self.count = 0
 
     def write(self, sample: dict) -> str:

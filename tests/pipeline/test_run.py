@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,12 @@ def test_webdataset_shards_read_back(demo_run):
     assert s0["json"]["label"] == "forest" and s0["json"]["aug"] == 0
     assert s0["jpg"].ndim == 3 and isinstance(s0["txt"], str)
     assert "flac" in s0 or "audio" not in s0["json"]["sha"]
+    # Plain ustar members with one whole-second mtime: no per-member PAX header (a float mtime
+    # made tarfile write one for every member).
+    with tarfile.open(shards[0]) as tar:
+        members = tar.getmembers()
+    assert members and not any(m.pax_headers for m in members)
+    assert len({m.mtime for m in members}) == 1 and isinstance(members[0].mtime, int)
 
 
 def test_bad_manifest_rows_each_get_a_distinct_reason(tmp_path, ray_session):
