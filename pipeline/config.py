@@ -76,6 +76,10 @@ class ExecutionConfig(Strict):
     concurrency: int | None = Field(None, ge=1)   # actors per CPU stage group; None = CPUs available
     fuse: bool = True             # run consecutive stages with equal resources in one actor pool
     shard_max_count: int = Field(1000, ge=1)
+    # Who writes the samples' shards: the stage actors (one shard per Ray Data block; media never
+    # travel to the driver) or the driver. auto = the actors, unless the store is a local path on
+    # a multi-node cluster (only the driver's disk has it; use actors there with a shared filesystem).
+    shard_writer: Literal["auto", "actors", "driver"] = "auto"
     # Rows per Ray Data block (one task): several stage batches, so that scheduling, object-store
     # puts and conversions are paid per block, not per batch. Smaller for small runs (8 blocks per CPU).
     block_rows: int = Field(256, ge=1)

@@ -70,7 +70,8 @@ class StageChain:
     """Runs a fused group of stages inside one Ray actor; per-stage timings ride along in a
     ``_stats_<group>`` column (first row of each batch) so the driver can report them."""
 
-    def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None):
+    def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None,
+                 shards: dict | None = None):
         from stages.registry import get_stage
 
         match_library_threads()
@@ -78,16 +79,22 @@ class StageChain:
         self.stages = [get_stage(name)(params, ctx) for name, params in specs]
         self.group = group
         self.batch_size = batch_size
+        self.shards = shards   # the last group writes the samples: {store_uri, run_id, max_count}
         self.metrics = stage_metrics()
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
         """A block may hold several stage batches: the stages see ``batch_size`` rows at a time
-        (an encoder's batch), each result is yielded as it is done."""
+        (an encoder's batch), each result is yielded as it is done — or, when this group writes
+        the shards, once the block's shard is closed."""
         n, size = num_rows(batch), self.batch_size or num_rows(batch) or 1
-        for k in range(0, n, size):
-            out = self.run_batch({key: col[k:k + size] for key, col in batch.items()} if n > size else batch)
-            if num_rows(out):
-                yield out
+        outs = (self.run_batch({key: col[k:k + size] for key, col in batch.items()} if n > size else batch)
+                for k in range(0, n, size))
+        outs = (out for out in outs if num_rows(out))
+        if self.shards is not None:
+            from pipeline.sinks import write_block_shards
+
+            outs = write_block_shards(list(outs), **self.shards)
+        yield from outs
 
     def run_batch(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
@@ -142,8 +149,9 @@ def block_rows(n_rows: int, groups: list[Group], cfg: Config, num_cpus: int) -> 
 
 
 def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config,
-                  num_cpus: int) -> "ray.data.Dataset":
-    """The processing pass as a lazy Ray Dataset (nothing runs until it is iterated)."""
+                  num_cpus: int, shards: dict | None = None) -> "ray.data.Dataset":
+    """The processing pass as a lazy Ray Dataset (nothing runs until it is iterated). With
+    ``shards`` ({store_uri, run_id, max_count}) the last actor pool writes the samples' shards."""
     groups = group_stages(specs, cfg.execution.fuse)
     per_block = block_rows(len(rows), groups, cfg, num_cpus)
     blocks = max(1, math.ceil(len(rows) / per_block))
@@ -156,7 +164,8 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
             StageChain,
             fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
                                    "context": context.model_dump(), "group": k,
-                                   "batch_size": g.resources.batch_size},
+                                   "batch_size": g.resources.batch_size,
+                                   "shards": shards if k == len(groups) - 1 else None},
             # Four tasks queued per actor (Ray Data's default is two): with two, each actor on a busy
             # 2-core machine was busy only 68 % of the time, waiting for its next block; over 12000
             # feature rows the machine was 82 % busy with two queued, 96 % with four (RESULTS.md).
@@ -187,11 +196,20 @@ def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:
 
 
 def process(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config, num_cpus: int,
-            local: bool) -> Iterable[Batch]:
-    """The processing pass: in this process for small plans, else through Ray Data actor pools."""
+            local: bool, shards: dict | None = None) -> Iterable[Batch]:
+    """The processing pass: in this process for small plans, else through Ray Data actor pools
+    (whose last pool writes the shards when ``shards`` is given)."""
     if local:
         return run_local(rows, specs, context, cfg.execution.batch_size)
-    return iter_output(build_dataset(rows, specs, context, cfg, num_cpus))
+    return iter_output(build_dataset(rows, specs, context, cfg, num_cpus, shards))
+
+
+def shards_in_actors(cfg: Config, store_is_local: bool, remote: bool) -> bool:
+    """Whether the stage actors write the shards (``execution.shard_writer``; ``auto``: yes, unless
+    the store is a local path and Ray is a cluster (``remote``): only the driver's disk has it)."""
+    if cfg.execution.shard_writer != "auto":
+        return cfg.execution.shard_writer == "actors"
+    return not (store_is_local and remote)
 
 
 def iter_output(ds: "ray.data.Dataset") -> Iterable[Batch]:

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.execution import StageChain, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
+from pipeline.execution import (StageChain, cluster_facts, ensure_ray, process, runs_locally, shards_in_actors,
+                                stage_metrics)
 from pipeline.plan import Lineage, Plan, StageSpec, build_stages, fingerprints, make_plan
 from pipeline.schema import FEATURES_SCHEMA
 from pipeline.sinks import RunSink, SinkResult, rejects_table
@@ -199,10 +200,14 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             index = _start_dedup(cfg, specs, store, plan, run_id, local)
         staging = store.local_dir("_staging", run_id)
         sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
+        shards = None if local or not shards_in_actors(cfg, store.is_local, info["remote"]) else {
+            "store_uri": store.uri, "run_id": run_id, "max_count": cfg.execution.shard_max_count}
+        if shards:   # the actors write into it; only the driver makes it (see write_block_shards)
+            store.fs.create_dir(store.path_of("samples", run_id), recursive=True)
         t1 = time.perf_counter()
         try:
             if plan.rows:
-                for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local):
+                for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local, shards):
                     sink.add(batch)
                     _fault_point("during_stages")
             result = sink.close()
@@ -221,6 +226,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         record["fingerprints"] = {s.name: s.fingerprint for s in specs}
         record["phases_s"] = phases.seconds
         record["execution"] = "driver" if local else "ray-data"
+        record["shard_writer"] = "actors" if shards else "driver"
         _fault_point("before_record")
         store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,13 @@
-"""Driver-side sinks for the processing pass: rows stream in as numpy batches and leave as
-WebDataset shards (samples), staged Parquet (features, committed later) and reject records."""
+"""Sinks for the processing pass: rows stream in as numpy batches and leave as WebDataset shards
+(samples), staged Parquet (features, committed later) and reject records.
+
+Shards are written where the media are: by the stage actors, one shard per Ray Data block
+(``write_block_shards``), so media bytes never travel to the driver, or by the driver (``RunSink``
+with ``ShardSink``) for runs in the driver and for a local store on a multi-node cluster, whose
+disk the actors cannot reach."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -27,11 +33,31 @@ def sample_key(rid: str, aug: int) -> str:
     return key if aug == 0 else f"{key}_aug{aug}"
 
 
-class ShardSink:
-    """Writes accepted samples to ``samples/<run_id>/shard-NNNNNN.tar`` through the store's filesystem."""
+def sample_record(batch: Batch, i: int, run_id: str) -> dict:
+    """Row ``i`` as a WebDataset sample: key, cleaned media and the ``.json`` metadata."""
+    rid, aug = str(batch["id"][i]), int(batch["aug"][i])
+    meta = {"id": rid, "label": batch["label"][i], "split": batch["split"][i], "aug": aug,
+            "sha": {m: batch[f"sha_{m}"][i] for m in (*MODALITIES, "sample")},
+            "aug_params": json.loads(batch["aug_params"][i] or "{}"),
+            "dropped": json.loads(batch["dropped"][i] or "{}"),
+            "meta": json.loads(batch["meta"][i] or "{}"), "run_id": run_id}
+    sample = {"__key__": sample_key(rid, aug), "json": json.dumps(meta, sort_keys=True).encode()}
+    if batch["image"][i] is not None:
+        sample[image_format(batch["image"][i])] = batch["image"][i]
+    if batch["text"][i] is not None:
+        sample["txt"] = batch["text"][i]
+    if batch["audio"][i] is not None:
+        sample["flac"] = batch["audio"][i]
+    return sample
 
-    def __init__(self, store: Store, run_id: str, max_count: int):
-        self.store, self.run_id, self.max_count = store, run_id, max_count
+
+class ShardSink:
+    """Writes samples to ``samples/<run_id>/<prefix>-NNNNNN.tar`` through the store's filesystem,
+    a new shard every ``max_count`` samples."""
+
+    def __init__(self, store: Store, run_id: str, max_count: int, prefix: str = "shard", create_dir: bool = True):
+        self.store, self.run_id, self.max_count, self.prefix = store, run_id, max_count, prefix
+        self.create_dir = create_dir
         self.shard_index, self.count, self.total = -1, 0, 0
         self._stream = self._writer = None
         self.current = ""
@@ -42,9 +68,10 @@ class ShardSink:
     def _open_next(self) -> None:
         self.close()
         self.shard_index += 1
-        self.current = f"samples/{self.run_id}/shard-{self.shard_index:06d}.tar"
+        self.current = f"samples/{self.run_id}/{self.prefix}-{self.shard_index:06d}.tar"
         path = self.store.path_of(self.current)
-        self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if self.create_dir:
+            self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self._stream = self.store.fs.open_output_stream(path)
         self._writer = wds.TarWriter(self._stream, mtime=self.mtime)
         self.count = 0
@@ -63,6 +90,35 @@ class ShardSink:
             self._writer = self._stream = None
 
 
+def write_block_shards(batches: list[Batch], store_uri: str, run_id: str, max_count: int) -> list[Batch]:
+    """In a stage actor: the accepted rows of one Ray Data block into shards of their own, closed
+    before any row leaves the actor, so a row the driver sees is in a complete shard. The name comes
+    from the rows' keys: a retried block rewrites the same files. The driver made the run's folder;
+    an actor never makes it, so one left running by a killed driver cannot write into a folder
+    that the next run's ``Store.recover`` removed (a local store; in object storage such a shard
+    is removed by the run after). Returns the batches with a ``shard`` column, ``has_<modality>``
+    filled in, and no media bytes."""
+    keys = [f"{b['id'][i]}\t{b['aug'][i]}" for b in batches for i in range(num_rows(b)) if not b["reject_reason"][i]]
+    digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
+    shards = ShardSink(Store(store_uri), run_id, max_count, prefix=f"shard-{digest}", create_dir=False)
+    out = []
+    for batch in batches:
+        batch = normalize_batch(batch)
+        n = num_rows(batch)
+        shard = np.full(n, "", dtype=object)
+        for i in range(n):
+            if not batch["reject_reason"][i]:
+                shard[i] = shards.write(sample_record(batch, i, run_id))
+        for m in MODALITIES:
+            if f"has_{m}" not in batch:
+                batch[f"has_{m}"] = np.array([v is not None for v in batch[m]], dtype=bool)
+            batch[m] = np.full(n, None, dtype=object)
+        batch["shard"] = shard
+        out.append(batch)
+    shards.close()
+    return out
+
+
 @dataclass
 class SinkResult:
     rejects: list[dict] = field(default_factory=list)
@@ -70,7 +126,7 @@ class SinkResult:
     stage_stats: dict[str, list[float]] = field(default_factory=dict)   # stage -> [rows_in, seconds]
     staged: list[Path] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)
-    samples_written: int = 0
+    samples_written: int = 0   # by the driver and by the actors
 
 
 class RunSink:
@@ -99,6 +155,8 @@ class RunSink:
                     self.result.aug_rejected += 1
         if accepted:
             self._stage_features(batch, accepted)
+            if "shard" in batch:
+                self.result.samples_written += len(accepted)
 
     def _collect_stats(self, batch: Batch) -> None:
         for col in [c for c in batch if c.startswith("_stats")]:
@@ -116,22 +174,6 @@ class RunSink:
                 "sha_sample": batch["sha_sample"][i], "fp_all": self.fps["all"],
                 "ref": json.dumps({k: v for k, v in refs.items() if v})}
 
-    def _write_sample(self, batch: Batch, i: int) -> str:
-        rid, aug = str(batch["id"][i]), int(batch["aug"][i])
-        meta = {"id": rid, "label": batch["label"][i], "split": batch["split"][i], "aug": aug,
-                "sha": {m: batch[f"sha_{m}"][i] for m in (*MODALITIES, "sample")},
-                "aug_params": json.loads(batch["aug_params"][i] or "{}"),
-                "dropped": json.loads(batch["dropped"][i] or "{}"),
-                "meta": json.loads(batch["meta"][i] or "{}"), "run_id": self.run_id}
-        sample = {"__key__": sample_key(rid, aug), "json": json.dumps(meta, sort_keys=True).encode()}
-        if batch["image"][i] is not None:
-            sample[image_format(batch["image"][i])] = batch["image"][i]
-        if batch["text"][i] is not None:
-            sample["txt"] = batch["text"][i]
-        if batch["audio"][i] is not None:
-            sample["flac"] = batch["audio"][i]
-        return self.shards.write(sample)
-
     def _stage_features(self, batch: Batch, rows: list[int]) -> None:
         cols: dict[str, list] = {f.name: [] for f in self._schema}
         embs = {}
@@ -141,8 +183,9 @@ class RunSink:
                 emb = np.asarray(np.stack(list(emb)) if emb.dtype == object else emb, dtype=np.float32)
                 self.result.dims[m] = emb.shape[1]
             embs[m] = emb
+        written = batch.get("shard")   # by the actor that made the rows, or here
         for i in rows:
-            shard = self._write_sample(batch, i)
+            shard = written[i] if written is not None else self.shards.write(sample_record(batch, i, self.run_id))
             for name in ("id", "label", "split", "aug_params", "dedup_sig", "dropped", "meta"):
                 cols[name].append(str(batch[name][i]))
             cols["aug"].append(int(batch["aug"][i]))
@@ -176,7 +219,7 @@ class RunSink:
 
     def close(self) -> SinkResult:
         self.shards.close()
-        self.result.samples_written = self.shards.total
+        self.result.samples_written += self.shards.total
         if self._writer is not None:
             self._writer.close()
         return self.result

@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 from pipeline.demo import make_demo
 from pipeline.runner import run
 from tests.pipeline.helpers import config, write_config
-from tests.pipeline.test_run import assert_accounting
+from tests.pipeline.test_run import assert_accounting, assert_shards_hold_features
 
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")
 
@@ -93,4 +93,6 @@ def test_killed_stage_actor_is_restarted_and_nothing_is_lost(data, tmp_path, ray
     assert killed, "no stage actor was found to kill"
     assert_accounting(store, input_ids(manifest))
     no_duplicate_keys(store)
+    assert rec["shard_writer"] == "actors"
+    assert_shards_hold_features(store, rec["run_id"])
     assert rec["counts"]["processed"] == rec["counts"]["input"]

@@ -1,7 +1,10 @@
 """Blocks and stage batches: a Ray Data block holds several stage batches; the stages still see
-their own batch size, and the result is the one the driver's local path gives."""
+their own batch size, and the result (features and shards) is the one the driver's local path gives."""
 from __future__ import annotations
 
+import json
+import tarfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,15 +65,18 @@ def test_blocks_of_several_batches_give_the_local_result(tmp_path, ray_session, 
     def features(name: str, execution: dict):
         folder, store = tmp_path / name, tmp_path / name / "store"
         folder.mkdir()
-        run(config(folder, manifest, store, {"execution": execution}), log=lambda s: None)
+        record = run(config(folder, manifest, store, {"execution": execution}), log=lambda s: None).record
         table = DeltaTable(str(store / "features")).to_pyarrow_table(
             columns=["id", "aug", "image_emb", "text_emb", "audio_emb"])
-        return table.sort_by([("id", "ascending"), ("aug", "ascending")])
+        return table.sort_by([("id", "ascending"), ("aug", "ascending")]), record["shard_writer"], _samples(store)
 
     # Ray Data blocks of 24 rows, stage batches of 8: each task runs three stage batches.
     assert block_rows(48, _groups(8), Config.model_validate({"execution": {"block_rows": 24}}), 2) == 24
-    on_ray = features("ray", {"batch_size": 8, "block_rows": 24, "local_max_rows": 0})
-    local = features("local", {"batch_size": 8, "local_max_rows": 10_000})
+    on_ray, ray_writer, ray_samples = features("ray", {"batch_size": 8, "block_rows": 24, "local_max_rows": 0})
+    local, local_writer, local_samples = features("local", {"batch_size": 8, "local_max_rows": 10_000})
+    # The actors' shards (one per block) hold the same samples as the driver's, byte for byte.
+    assert (ray_writer, local_writer) == ("actors", "driver")
+    assert len(ray_samples) == on_ray.num_rows and ray_samples == local_samples
     assert on_ray.num_rows > 30
     assert on_ray["id"].to_pylist() == local["id"].to_pylist()
     for col in ("image_emb", "text_emb", "audio_emb"):
@@ -78,3 +84,16 @@ def test_blocks_of_several_batches_give_the_local_result(tmp_path, ray_session, 
         np.testing.assert_array_equal(np.asarray(on_ray[col].combine_chunks().flatten()),
                                       np.asarray(local[col].combine_chunks().flatten()))
 
+
+def _samples(store: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample in the store's shards: key -> member extension -> bytes (run id left out)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for path in (store / "samples").rglob("*.tar"):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                data = tar.extractfile(m).read()
+                if ext == "json":
+                    data = json.dumps({k: v for k, v in json.loads(data).items() if k != "run_id"}).encode()
+                out.setdefault(key, {})[ext] = data
+    return out

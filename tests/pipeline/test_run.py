@@ -15,6 +15,7 @@ from deltalake import DeltaTable
 
 from pipeline.demo import make_demo
 from pipeline.runner import run
+from pipeline.sinks import sample_key
 from tests.pipeline.helpers import config, write_config
 
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")
@@ -32,6 +33,22 @@ def assert_accounting(store: Path, input_ids: set[str]) -> None:
     assert len(rejected) == len(set(rejected)), "duplicate ids in rejects"
     assert not set(accepted) & set(rejected), "an id is both accepted and rejected"
     assert set(accepted) | set(rejected) == input_ids
+
+
+def assert_shards_hold_features(store: Path, run_id: str) -> None:
+    """Every feature row this run wrote is in the shard its ``shard`` column names, and the run's
+    shards hold each sample once (a retried block rewrites its own shard, never a second copy)."""
+    feats = DeltaTable(str(store / "features")).to_pyarrow_table(columns=["id", "aug", "shard", "run_id"])
+    rows = feats.filter(pc.field("run_id") == run_id).to_pylist()
+    keys_in: dict[str, list[str]] = {}
+    for path in (store / "samples" / run_id).glob("*.tar"):
+        with tarfile.open(path) as tar:
+            keys_in[f"samples/{run_id}/{path.name}"] = sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+    every = [k for keys in keys_in.values() for k in keys]
+    assert len(every) == len(set(every)), "a sample is in two shards"
+    assert rows and len(every) == len(rows)
+    for r in rows:
+        assert sample_key(r["id"], r["aug"]) in keys_in[r["shard"]], r
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +109,9 @@ def test_webdataset_shards_read_back(demo_run):
     assert s0["json"]["label"] == "forest" and s0["json"]["aug"] == 0
     assert s0["jpg"].ndim == 3 and isinstance(s0["txt"], str)
     assert "flac" in s0 or "audio" not in s0["json"]["sha"]
+    # The stage actors wrote them, one shard per Ray Data block, named from the block's rows.
+    assert result.record["shard_writer"] == "actors" and len(shards) > 1
+    assert_shards_hold_features(store, result.run_id)
     # Plain ustar members with one whole-second mtime: no per-member PAX header (a float mtime
     # made tarfile write one for every member).
     with tarfile.open(shards[0]) as tar:

@@ -128,7 +128,7 @@ def test_missing_bucket_is_a_one_line_user_error(s3, tmp_path):
 # -- a whole run on S3 -------------------------------------------------------------------------
 def tiny_config(folder: Path, manifest: Path, store: str):
     data = {"ray": {"dashboard": False, "progress_bars": False, "num_cpus": 2},
-            "execution": {"batch_size": 8, "concurrency": 1, "shard_max_count": 4},
+            "execution": {"batch_size": 8, "concurrency": 1, "shard_max_count": 4, "local_max_rows": 0},
             "stages": {"cleanup": {"image": {"params": {"blur_threshold": 5.0}}},
                        "features": {"image": {"encoder": "hist"}, "text": {"encoder": "hashed"},
                                     "audio": {"encoder": "logmel"}}}}
@@ -160,6 +160,7 @@ def test_run_twice_on_s3_and_read_everything_back(s3, tmp_path):
     finally:
         ray.shutdown()
     assert first["counts"]["processed"] == len(input_ids)
+    assert first["shard_writer"] == "actors"   # the stage actors wrote the shards to S3
     assert second["counts"]["processed"] == 0 and second["counts"]["unchanged"] == len(input_ids)
 
     opts = {**s3, "AWS_ALLOW_HTTP": "true"}

@@ -1,0 +1,68 @@
+"""Shards written by the stage actors: one per block, named from the block's rows, never into a
+run folder the driver did not make; and who writes them."""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.execution import shards_in_actors
+from pipeline.sinks import write_block_shards
+from pipeline.store import Store
+from tests.stages.helpers import make_batch
+
+
+def block(n: int = 10) -> list[dict]:
+    """Two stage batches of one block; row 3 rejected."""
+    batch = make_batch(text=[f"caption {i}" for i in range(n)])
+    batch["aug"] = np.zeros(n, dtype=np.int64)
+    batch["reject_reason"][3] = "text_too_short"
+    return [{k: v[:6] for k, v in batch.items()}, {k: v[6:] for k, v in batch.items()}]
+
+
+def members(store: Path, run_id: str) -> dict[str, list[tuple[str, bytes]]]:
+    out = {}
+    for path in sorted((store / "samples" / run_id).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return out
+
+
+def test_a_block_goes_to_its_own_shards_and_a_retry_rewrites_them(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    store.fs.create_dir(store.path_of("samples", "r1"), recursive=True)   # the driver makes it
+
+    out = write_block_shards(block(), store.uri, "r1", max_count=4)
+    first = members(tmp_path / "store", "r1")
+    # 9 accepted rows, at most 4 a shard; the rejected row has none; no media leave the actor
+    assert [len(v) // 2 for v in first.values()] == [4, 4, 1]   # .json + .txt per sample
+    shard = np.concatenate([b["shard"] for b in out])
+    assert shard[3] == "" and all(s.startswith("samples/r1/shard-") for s in np.delete(shard, 3))
+    assert all(b[m][i] is None for b in out for m in ("image", "text", "audio") for i in range(len(b["id"])))
+    assert np.concatenate([b["has_text"] for b in out]).tolist() == [True] * 10
+
+    write_block_shards(block(), store.uri, "r1", max_count=4)   # the same block again, as a retried task
+    assert members(tmp_path / "store", "r1") == first           # same files, same samples, no second copy
+
+
+def test_an_actor_never_makes_the_run_folder(tmp_path):
+    """A killed driver's actors may still be running: once the next run has removed the
+    uncommitted folder, they cannot write into it again."""
+    with pytest.raises(FileNotFoundError):
+        write_block_shards(block(), str(tmp_path / "store"), "gone", max_count=4)
+    assert not (tmp_path / "store" / "samples" / "gone").exists()
+
+
+@pytest.mark.parametrize("writer, local_store, remote, actors", [
+    ("auto", True, False, True),     # one machine: the actors
+    ("auto", False, True, True),     # object storage on a cluster: the actors
+    ("auto", True, True, False),     # a local path on a cluster: only the driver has it
+    ("actors", True, True, True),    # ... unless every node mounts it
+    ("driver", False, False, False),
+])
+def test_who_writes_the_shards(writer, local_store, remote, actors):
+    cfg = Config.model_validate({"execution": {"shard_writer": writer}})
+    assert shards_in_actors(cfg, local_store, remote) is actors
