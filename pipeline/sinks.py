@@ -90,6 +90,12 @@ class ShardSink:
             self._writer = self._stream = None
 
 
+def presence(batch: Batch, m: str) -> np.ndarray:
+    """Which rows have modality ``m``: the feature stage's ``has_<m>``, else whether the media are there."""
+    has = batch.get(f"has_{m}")
+    return np.asarray(has, dtype=bool) if has is not None else np.array([v is not None for v in batch[m]], dtype=bool)
+
+
 def write_block_shards(batches: list[Batch], store_uri: str, run_id: str, max_count: int) -> list[Batch]:
     """In a stage actor: the accepted rows of one Ray Data block into shards of their own, closed
     before any row leaves the actor, so a row the driver sees is in a complete shard. The name comes
@@ -110,8 +116,7 @@ def write_block_shards(batches: list[Batch], store_uri: str, run_id: str, max_co
             if not batch["reject_reason"][i]:
                 shard[i] = shards.write(sample_record(batch, i, run_id))
         for m in MODALITIES:
-            if f"has_{m}" not in batch:
-                batch[f"has_{m}"] = np.array([v is not None for v in batch[m]], dtype=bool)
+            batch[f"has_{m}"] = presence(batch, m)   # before the media go
             batch[m] = np.full(n, None, dtype=object)
         batch["shard"] = shard
         out.append(batch)
@@ -126,7 +131,7 @@ class SinkResult:
     stage_stats: dict[str, list[float]] = field(default_factory=dict)   # stage -> [rows_in, seconds]
     staged: list[Path] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)
-    samples_written: int = 0   # by the driver and by the actors
+    samples_written: int = 0
 
 
 class RunSink:
@@ -155,8 +160,7 @@ class RunSink:
                     self.result.aug_rejected += 1
         if accepted:
             self._stage_features(batch, accepted)
-            if "shard" in batch:
-                self.result.samples_written += len(accepted)
+            self.result.samples_written += len(accepted)   # each in a shard: the actor's or the driver's
 
     def _collect_stats(self, batch: Batch) -> None:
         for col in [c for c in batch if c.startswith("_stats")]:
@@ -184,14 +188,14 @@ class RunSink:
                 self.result.dims[m] = emb.shape[1]
             embs[m] = emb
         written = batch.get("shard")   # by the actor that made the rows, or here
+        has = {m: presence(batch, m) for m in MODALITIES}
         for i in rows:
             shard = written[i] if written is not None else self.shards.write(sample_record(batch, i, self.run_id))
             for name in ("id", "label", "split", "aug_params", "dedup_sig", "dropped", "meta"):
                 cols[name].append(str(batch[name][i]))
             cols["aug"].append(int(batch["aug"][i]))
             for m in MODALITIES:
-                has = batch.get(f"has_{m}")
-                present = bool(has[i]) if has is not None else batch[m][i] is not None
+                present = bool(has[m][i])
                 cols[f"has_{m}"].append(present)
                 vec = embs[m][i] if embs[m] is not None else np.zeros(0, np.float32)
                 cols[f"{m}_emb"].append(vec if present else np.zeros_like(vec))
@@ -219,7 +223,6 @@ class RunSink:
 
     def close(self) -> SinkResult:
         self.shards.close()
-        self.result.samples_written += self.shards.total
         if self._writer is not None:
             self._writer.close()
         return self.result

@@ -1,6 +1,7 @@
 """Tiny configs and datasets for pipeline tests."""
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import yaml
@@ -39,3 +40,12 @@ def _merge(a: dict, b: dict) -> None:
 
 def config(folder: Path, manifest: Path, store: Path, overrides: dict | None = None):
     return load_config(write_config(folder, overrides), values={"source.path": str(manifest), "store": str(store)})
+
+
+def shard_members(folder: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """Every ``.tar`` shard under ``folder``: its path relative to ``folder`` -> (member name, bytes)."""
+    out = {}
+    for path in sorted(folder.rglob("*.tar")):
+        with tarfile.open(path) as tar:
+            out[str(path.relative_to(folder))] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return out

@@ -3,7 +3,6 @@ their own batch size, and the result (features and shards) is the one the driver
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,7 @@ from pipeline.config import Config, Resources
 from pipeline.demo import make_demo
 from pipeline.execution import Group, StageChain, block_rows
 from pipeline.runner import run
-from tests.pipeline.helpers import config
+from tests.pipeline.helpers import config, shard_members
 from tests.stages.helpers import make_batch
 
 
@@ -88,12 +87,10 @@ def test_blocks_of_several_batches_give_the_local_result(tmp_path, ray_session, 
 def _samples(store: Path) -> dict[str, dict[str, bytes]]:
     """Every sample in the store's shards: key -> member extension -> bytes (run id left out)."""
     out: dict[str, dict[str, bytes]] = {}
-    for path in (store / "samples").rglob("*.tar"):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                data = tar.extractfile(m).read()
-                if ext == "json":
-                    data = json.dumps({k: v for k, v in json.loads(data).items() if k != "run_id"}).encode()
-                out.setdefault(key, {})[ext] = data
+    for members in shard_members(store / "samples").values():
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            if ext == "json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "run_id"}).encode()
+            out.setdefault(key, {})[ext] = data
     return out

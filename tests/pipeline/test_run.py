@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 from pipeline.demo import make_demo
 from pipeline.runner import run
 from pipeline.sinks import sample_key
-from tests.pipeline.helpers import config, write_config
+from tests.pipeline.helpers import config, shard_members, write_config
 
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")
 
@@ -40,10 +40,8 @@ def assert_shards_hold_features(store: Path, run_id: str) -> None:
     shards hold each sample once (a retried block rewrites its own shard, never a second copy)."""
     feats = DeltaTable(str(store / "features")).to_pyarrow_table(columns=["id", "aug", "shard", "run_id"])
     rows = feats.filter(pc.field("run_id") == run_id).to_pylist()
-    keys_in: dict[str, list[str]] = {}
-    for path in (store / "samples" / run_id).glob("*.tar"):
-        with tarfile.open(path) as tar:
-            keys_in[f"samples/{run_id}/{path.name}"] = sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+    keys_in = {f"samples/{run_id}/{name}": sorted({member.split(".", 1)[0] for member, _ in members})
+               for name, members in shard_members(store / "samples" / run_id).items()}
     every = [k for keys in keys_in.values() for k in keys]
     assert len(every) == len(set(every)), "a sample is in two shards"
     assert rows and len(every) == len(rows)

@@ -2,9 +2,6 @@
 run folder the driver did not make; and who writes them."""
 from __future__ import annotations
 
-import tarfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,6 +9,7 @@ from pipeline.config import Config
 from pipeline.execution import shards_in_actors
 from pipeline.sinks import write_block_shards
 from pipeline.store import Store
+from tests.pipeline.helpers import shard_members
 from tests.stages.helpers import make_batch
 
 
@@ -23,20 +21,12 @@ def block(n: int = 10) -> list[dict]:
     return [{k: v[:6] for k, v in batch.items()}, {k: v[6:] for k, v in batch.items()}]
 
 
-def members(store: Path, run_id: str) -> dict[str, list[tuple[str, bytes]]]:
-    out = {}
-    for path in sorted((store / "samples" / run_id).glob("*.tar")):
-        with tarfile.open(path) as tar:
-            out[path.name] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    return out
-
-
 def test_a_block_goes_to_its_own_shards_and_a_retry_rewrites_them(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.fs.create_dir(store.path_of("samples", "r1"), recursive=True)   # the driver makes it
 
     out = write_block_shards(block(), store.uri, "r1", max_count=4)
-    first = members(tmp_path / "store", "r1")
+    first = shard_members(tmp_path / "store" / "samples" / "r1")
     # 9 accepted rows, at most 4 a shard; the rejected row has none; no media leave the actor
     assert [len(v) // 2 for v in first.values()] == [4, 4, 1]   # .json + .txt per sample
     shard = np.concatenate([b["shard"] for b in out])
@@ -45,7 +35,7 @@ def test_a_block_goes_to_its_own_shards_and_a_retry_rewrites_them(tmp_path):
     assert np.concatenate([b["has_text"] for b in out]).tolist() == [True] * 10
 
     write_block_shards(block(), store.uri, "r1", max_count=4)   # the same block again, as a retried task
-    assert members(tmp_path / "store", "r1") == first           # same files, same samples, no second copy
+    assert shard_members(tmp_path / "store" / "samples" / "r1") == first           # same files, same samples, no second copy
 
 
 def test_an_actor_never_makes_the_run_folder(tmp_path):
