@@ -71,7 +71,7 @@ class StageChain:
     ``_stats_<group>`` column (first row of each batch) so the driver can report them."""
 
     def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None,
-                 shards: dict | None = None):
+                 shards: dict | None = None, drop_media: bool = False):
         from stages.registry import get_stage
 
         match_library_threads()
@@ -80,6 +80,7 @@ class StageChain:
         self.group = group
         self.batch_size = batch_size
         self.shards = shards   # the last group writes the samples: {store_uri, run_id, max_count}
+        self.drop_media = drop_media   # the last group sends no media back (they are in the shards, or unwanted)
         self.metrics = stage_metrics()
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
@@ -94,6 +95,10 @@ class StageChain:
             from pipeline.sinks import write_block_shards
 
             outs = write_block_shards(list(outs), **self.shards)
+        elif self.drop_media:
+            from pipeline.sinks import drop_media
+
+            outs = (drop_media(out) for out in outs)
         yield from outs
 
     def run_batch(self, batch: Batch) -> Batch:
@@ -149,9 +154,11 @@ def block_rows(n_rows: int, groups: list[Group], cfg: Config, num_cpus: int) -> 
 
 
 def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config,
-                  num_cpus: int, shards: dict | None = None) -> "ray.data.Dataset":
+                  num_cpus: int, shards: dict | None = None, drop_media: bool = False) -> "ray.data.Dataset":
     """The processing pass as a lazy Ray Dataset (nothing runs until it is iterated). With
-    ``shards`` ({store_uri, run_id, max_count}) the last actor pool writes the samples' shards."""
+    ``shards`` ({store_uri, run_id, max_count}) the last actor pool writes the samples' shards;
+    either that or ``drop_media`` keeps the media bytes in the actors (``has_<modality>`` says
+    what each row had)."""
     groups = group_stages(specs, cfg.execution.fuse)
     per_block = block_rows(len(rows), groups, cfg, num_cpus)
     blocks = max(1, math.ceil(len(rows) / per_block))
@@ -165,7 +172,8 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
             fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
                                    "context": context.model_dump(), "group": k,
                                    "batch_size": g.resources.batch_size,
-                                   "shards": shards if k == len(groups) - 1 else None},
+                                   "shards": shards if k == len(groups) - 1 else None,
+                                   "drop_media": drop_media and k == len(groups) - 1},
             # Four tasks queued per actor (Ray Data's default is two): with two, each actor on a busy
             # 2-core machine was busy only 68 % of the time, waiting for its next block; over 12000
             # feature rows the machine was 82 % busy with two queued, 96 % with four (RESULTS.md).

@@ -115,13 +115,21 @@ def write_block_shards(batches: list[Batch], store_uri: str, run_id: str, max_co
         for i in range(n):
             if not batch["reject_reason"][i]:
                 shard[i] = shards.write(sample_record(batch, i, run_id))
-        for m in MODALITIES:
-            batch[f"has_{m}"] = presence(batch, m)   # before the media go
-            batch[m] = np.full(n, None, dtype=object)
+        batch = drop_media(batch)
         batch["shard"] = shard
         out.append(batch)
     shards.close()
     return out
+
+
+def drop_media(batch: Batch) -> Batch:
+    """``has_<modality>`` filled in, then the media bytes gone: what the driver needs of a row
+    whose sample is already written (or, in the feature benchmark, not wanted)."""
+    n = num_rows(batch)
+    for m in MODALITIES:
+        batch[f"has_{m}"] = presence(batch, m)   # before the media go
+        batch[m] = np.full(n, None, dtype=object)
+    return batch
 
 
 @dataclass

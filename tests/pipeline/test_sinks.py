@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.execution import shards_in_actors
+from pipeline.execution import StageChain, shards_in_actors
 from pipeline.sinks import write_block_shards
 from pipeline.store import Store
 from tests.pipeline.helpers import shard_members
@@ -44,6 +44,21 @@ def test_an_actor_never_makes_the_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_block_shards(block(), str(tmp_path / "store"), "gone", max_count=4)
     assert not (tmp_path / "store" / "samples" / "gone").exists()
+
+
+def test_a_chain_that_drops_media_returns_the_same_features_without_them():
+    """``drop_media``: the rows leave the actor with their features and ``has_<modality>``, and
+    without the media bytes; nothing else changes."""
+    specs = [("features.text", {"encoder": "hashed"})]
+    batch = make_batch(text=[f"caption number {i}" for i in range(6)] + [None])
+    kept = next(StageChain(specs, {}, 0)({k: v.copy() for k, v in batch.items()}))
+    dropped = next(StageChain(specs, {}, 0, drop_media=True)({k: v.copy() for k, v in batch.items()}))
+
+    assert all(t is None for t in dropped["text"]) and kept["text"][0] == "caption number 0"
+    assert dropped["has_text"].tolist() == [True] * 6 + [False]
+    np.testing.assert_array_equal(dropped["text_emb"], kept["text_emb"])
+    assert np.abs(kept["text_emb"][:6]).sum(axis=1).min() > 0   # real features, not zeros
+    assert set(dropped) == set(kept) | {"has_image", "has_text", "has_audio"}
 
 
 @pytest.mark.parametrize("writer, local_store, remote, actors", [
