@@ -8,8 +8,10 @@ disk the actors cannot reach."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch
 from pipeline.store import Store
@@ -51,6 +52,35 @@ def sample_record(batch: Batch, i: int, run_id: str) -> dict:
     return sample
 
 
+class TarSampleWriter:
+    """A WebDataset sample as tar members ``<key>.<ext>``, extensions in sorted order, as
+    ``webdataset.TarWriter`` writes them (and its reader groups them back). Written here with
+    ``tarfile`` because importing ``webdataset`` imports torch (``webdataset.pytorch``): 1.3 s and
+    ~450 MB in every process that writes shards, the stage actors among them. Members carry one
+    whole-second mtime: a float one (webdataset's default, ``time.time()``) makes ``tarfile`` add
+    a PAX header to each member, 1 KB and ~40 % of the writing CPU."""
+
+    def __init__(self, stream, mtime: int):
+        self.tar = tarfile.open(fileobj=stream, mode="w|")
+        self.stream, self.mtime = stream, mtime
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            value = sample[ext]
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"sample {key!r}: .{ext} is {type(value).__name__}, not bytes or str")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), self.mtime, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+        self.stream.close()
+
+
 class ShardSink:
     """Writes samples to ``samples/<run_id>/<prefix>-NNNNNN.tar`` through the store's filesystem,
     a new shard every ``max_count`` samples."""
@@ -59,10 +89,8 @@ class ShardSink:
         self.store, self.run_id, self.max_count, self.prefix = store, run_id, max_count, prefix
         self.create_dir = create_dir
         self.shard_index, self.count, self.total = -1, 0, 0
-        self._stream = self._writer = None
+        self._writer: TarSampleWriter | None = None
         self.current = ""
-        # One whole-second mtime for every member: with webdataset's default (time.time(), a
-        # float) tarfile adds a PAX header to each member, 1 KB and ~40 % of the writing CPU.
         self.mtime = int(time.time())
 
     def _open_next(self) -> None:
@@ -72,8 +100,7 @@ class ShardSink:
         path = self.store.path_of(self.current)
         if self.create_dir:
             self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        self._stream = self.store.fs.open_output_stream(path)
-        self._writer = wds.TarWriter(self._stream, mtime=self.mtime)
+        self._writer = TarSampleWriter(self.store.fs.open_output_stream(path), self.mtime)
         self.count = 0
 
     def write(self, sample: dict) -> str:
@@ -87,7 +114,7 @@ class ShardSink:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()     # closes the stream too
-            self._writer = self._stream = None
+            self._writer = None
 
 
 def presence(batch: Batch, m: str) -> np.ndarray:
