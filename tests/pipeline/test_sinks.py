@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
 from pipeline.config import Config
 from pipeline.execution import StageChain, shards_in_actors
-from pipeline.sinks import write_block_shards
+from pipeline import sinks
+from pipeline.sinks import RunSink, write_block_shards
 from pipeline.store import Store
 from tests.pipeline.helpers import shard_members
 from tests.stages.helpers import make_batch
@@ -92,3 +94,19 @@ def test_writing_shards_does_not_import_torch(tmp_path):
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
     assert sorted(s["txt"] for s in samples) == sorted(f"caption {i}" for i in range(10) if i != 3)
     assert all(s["json"]["run_id"] == "r1" for s in samples)
+
+
+def test_staged_features_are_written_in_row_groups_and_none_is_lost(tmp_path, monkeypatch):
+    """The driver stages feature rows in Parquet row groups of ROW_GROUP_ROWS (fewer, larger
+    writes); the rows left over at the end are written when the sink closes."""
+    monkeypatch.setattr(sinks, "ROW_GROUP_ROWS", 10)
+    store = Store(str(tmp_path / "store"))
+    fps = {k: "fp" for k in ("image", "text", "audio", "sample", "all")}
+    sink = RunSink(store, "r1", fps, tmp_path, shard_max=100)
+    for k, part in enumerate(block(10) + block(10)):   # batches of 6, 4, 6, 4 rows; one rejected per block
+        sink.add(dict(part, id=np.array([f"{k}-{i}" for i in part["id"]], dtype=object)))
+    result = sink.close()
+    table = pq.ParquetFile(result.staged[0])
+    assert [table.metadata.row_group(k).num_rows for k in range(table.num_row_groups)] == [14, 4]   # the last 4 at close
+    ids = table.read().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 18 and result.samples_written == 18
