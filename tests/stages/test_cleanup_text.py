@@ -158,3 +158,36 @@ def test_drop_modality_policy_keeps_row_with_other_media():
 
 def test_bytes_input_is_decoded():
     assert TextCleaner().clean("caf\u00e9 ok".encode()).value == "café ok"
+
+
+def test_reusing_justext_stop_list_keeps_every_extraction():
+    """cleanup.text keeps the frozenset justext makes of trafilatura's 154k-word stop list instead
+    of remaking it for every page: the same set, the same extracted text."""
+    import justext.core
+    import numpy as np
+
+    from pipeline.demo import _text
+
+    TextCleaner()   # constructing the stage installs the reuse
+    reuse = justext.core.define_stoplist
+
+    class Counted(tuple):   # counts how often justext's lru_cache hashes the stop list
+        hashed = 0
+
+        def __hash__(self):
+            Counted.hashed += 1
+            return super().__hash__()
+
+    words = Counted(["The", "a", "Of"])
+    assert reuse(words) is reuse(words) is reuse(words) == frozenset({"the", "a", "of"})
+    assert Counted.hashed == 1   # once, for the first call; then the same object is reused
+    assert reuse(("X",)) == frozenset({"x"}) and reuse(words) == frozenset({"the", "a", "of"})
+
+    rng = np.random.default_rng(0)
+    pages = [PAGE] + [_text(label, rng, html=True) for label in ("forest", "ocean", "city", "desert") * 5]
+    kept = [TextCleaner().clean(p).value for p in pages]
+    justext.core.define_stoplist = reuse.original
+    try:
+        assert [TextCleaner().clean(p).value for p in pages] == kept
+    finally:
+        justext.core.define_stoplist = reuse
