@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import ray
 
 from pipeline.config import Config, Resources
@@ -84,38 +85,54 @@ class StageChain:
         self.metrics = stage_metrics()
 
     def __call__(self, batch: Batch) -> Iterator[Batch]:
-        """A block may hold several stage batches: the stages see ``batch_size`` rows at a time
-        (an encoder's batch), each result is yielded as it is done — or, when this group writes
-        the shards, once the block's shard is closed."""
-        n, size = num_rows(batch), self.batch_size or num_rows(batch) or 1
-        outs = (self.run_batch({key: col[k:k + size] for key, col in batch.items()} if n > size else batch)
-                for k in range(0, n, size))
-        outs = (out for out in outs if num_rows(out))
+        """A block may hold several stage batches. Each stage runs over the whole block in turn, in
+        pieces of ``batch_size`` rows (an encoder's batch), or in one piece when it asks for the
+        block (``Stage.whole_block``: dedup, one index round trip per block, not per piece). The
+        stages see rows in block order, so the result does not depend on the block size."""
+        batch = self.run_block(batch)
+        if not num_rows(batch):
+            return
         if self.shards is not None:
             from pipeline.sinks import write_block_shards
 
-            outs = write_block_shards(list(outs), **self.shards)
+            yield from write_block_shards([batch], **self.shards)
         elif self.drop_media:
             from pipeline.sinks import drop_media
 
-            outs = (drop_media(out) for out in outs)
-        yield from outs
+            yield drop_media(batch)
+        else:
+            yield batch
 
-    def run_batch(self, batch: Batch) -> Batch:
+    def run_block(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
         stats: dict[str, list[float]] = {}
         for stage in self.stages:
-            start, n_in = time.perf_counter(), num_rows(batch)
-            rejected_before = dict(stage.stats.rejected)
-            batch = stage(batch)
-            secs = time.perf_counter() - start
-            stats[stage.name] = [n_in, secs]
-            if self.metrics is not None:
-                self.metrics.record(stage, n_in, num_rows(batch), secs, rejected_before)
+            n = num_rows(batch)
+            if n == 0:
+                break
+            size = n if stage.whole_block else self.batch_size or n
+            parts = [self._run_stage(stage, _rows(batch, k, k + size), stats) for k in range(0, n, size)]
+            batch = parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         n = num_rows(batch)
         if n:
             batch[f"_stats_{self.group}"] = object_column([json.dumps(stats)] + [""] * (n - 1))
         return batch
+
+    def _run_stage(self, stage, batch: Batch, stats: dict[str, list[float]]) -> Batch:
+        start, n_in = time.perf_counter(), num_rows(batch)
+        rejected_before = dict(stage.stats.rejected)
+        batch = stage(batch)
+        secs = time.perf_counter() - start
+        acc = stats.setdefault(stage.name, [0, 0.0])
+        acc[0] += n_in
+        acc[1] += secs
+        if self.metrics is not None:
+            self.metrics.record(stage, n_in, num_rows(batch), secs, rejected_before)
+        return batch
+
+
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    return batch if start == 0 and stop >= num_rows(batch) else {key: col[start:stop] for key, col in batch.items()}
 
 
 def stage_metrics():

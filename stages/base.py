@@ -78,6 +78,7 @@ class Stage:
     modality: ClassVar[str | None] = None    # whose lineage this stage affects; None = every modality
     Params: ClassVar[type[StageParams]] = StageParams
     reasons: ClassVar[dict[str, str]] = {}   # reject reason code -> what triggers it (for docs/reports)
+    whole_block: ClassVar[bool] = False      # True: called once per Ray Data block, not per batch_size rows
 
     def __init__(self, params: StageParams | dict | None = None, context: StageContext | None = None):
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})

@@ -309,6 +309,7 @@ class Dedup(Stage):
     version = 1
     modality = None
     Params = DedupParams
+    whole_block = True   # one round trip to the run's index actor per block, not per stage batch
 
     def __init__(self, params: DedupParams | dict | None = None, context=None):
         super().__init__(params, context)

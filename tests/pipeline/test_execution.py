@@ -34,6 +34,7 @@ def test_block_rows_spread_capped_and_never_below_a_stage_batch():
 class _Recorder:
     """A stage that records the batch sizes it is called with and drops every third row."""
     name = "recorder"
+    whole_block = False
 
     def __init__(self):
         self.sizes: list[int] = []
@@ -55,6 +56,19 @@ def test_stage_chain_cuts_a_block_into_stage_batches():
     assert ids == [f"row{i}" for i in range(70) if i % 32 % 3 != 2]
     for b in out:   # per-batch stage timings ride in the first row
         assert b["_stats_0"][0] and not any(b["_stats_0"][1:])
+
+
+def test_a_whole_block_stage_is_called_once_per_block():
+    """Dedup asks for whole blocks: one round trip to the run's index per block, not per stage batch."""
+    from stages.dedup import Dedup
+
+    chain = StageChain([], {}, group=0, batch_size=32)
+    per_batch, whole = _Recorder(), _Recorder()
+    whole.whole_block = True
+    chain.stages = [per_batch, whole]
+    out = list(chain(make_batch(text=[f"t{i}" for i in range(70)])))
+    assert per_batch.sizes == [32, 32, 6] and whole.sizes == [22 + 22 + 4]
+    assert len(out) == 1 and len(out[0]["id"]) == 32 and Dedup.whole_block
 
 
 def test_blocks_of_several_batches_give_the_local_result(tmp_path, ray_session, monkeypatch):
