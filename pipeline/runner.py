@@ -181,31 +181,33 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
         context = StageContext(run_id=run_id, seed=cfg.seed, bad_modality=cfg.bad_modality, store=store.uri,
                                cache_dir=str(store.local_dir("cache", "http")))
         phases = _Phases()
-        with phases("scan"):
-            hashes = store.hash_cache()
-            scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"], hash_cache=hashes)
-            store.save_hash_cache(hashes)
-        scan_s = phases.seconds["scan"]
-        with phases("plan"):
+        with phases("lineage"):
             lineage = store.lineage()
-            plan = make_plan(scanned, lineage, fps, cfg)
-        log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
-            f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
-        local = runs_locally(plan.rows, specs, cfg)
-        if plan.rows and not local and not info["ray_started"]:
-            with phases("ray_start"):   # only now: a small or empty plan never pays for it
-                info = ensure_ray(cfg, info, log)
-                specs = build_stages(cfg, info["num_cpus"])
-        with phases("dedup_index"):
-            index = _start_dedup(cfg, specs, store, plan, run_id, local)
-        staging = store.local_dir("_staging", run_id)
-        sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
-        shards = None if local or not shards_in_actors(cfg, store.is_local, info["remote"]) else {
-            "store_uri": store.uri, "run_id": run_id, "max_count": cfg.execution.shard_max_count}
-        if shards:   # the actors write into it; only the driver makes it (see write_block_shards)
-            store.fs.create_dir(store.path_of("samples", run_id), recursive=True)
-        t1 = time.perf_counter()
+        index = _early_index(cfg, specs, run_id, info, len(records), lineage)
         try:
+            with phases("scan"):
+                hashes = store.hash_cache()
+                scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"], hash_cache=hashes)
+                store.save_hash_cache(hashes)
+            scan_s = phases.seconds["scan"]
+            with phases("plan"):
+                plan = make_plan(scanned, lineage, fps, cfg)
+            log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
+                f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
+            local = runs_locally(plan.rows, specs, cfg)
+            if plan.rows and not local and not info["ray_started"]:
+                with phases("ray_start"):   # only now: a small or empty plan never pays for it
+                    info = ensure_ray(cfg, info, log)
+                    specs = build_stages(cfg, info["num_cpus"])
+            with phases("dedup_index"):
+                index = _start_dedup(cfg, specs, store, plan, run_id, local, early=index is not None) or index
+            staging = store.local_dir("_staging", run_id)
+            sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
+            shards = None if local or not shards_in_actors(cfg, store.is_local, info["remote"]) else {
+                "store_uri": store.uri, "run_id": run_id, "max_count": cfg.execution.shard_max_count}
+            if shards:   # the actors write into it; only the driver makes it (see write_block_shards)
+                store.fs.create_dir(store.path_of("samples", run_id), recursive=True)
+            t1 = time.perf_counter()
             if plan.rows:
                 for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local, shards):
                     sink.add(batch)
@@ -233,14 +235,37 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
     return RunResult(run_id, record, store)
 
 
-def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str, local: bool):
+def _early_index(cfg: Config, specs: list[StageSpec], run_id: str, info: dict, n_inputs: int,
+                 lineage: Lineage) -> str | None:
+    """Start the run's dedup index actor before the scan when the plan will go to actor pools for
+    sure: Ray is up already (a long-lived driver, a job on a cluster) and more inputs are new to the
+    store than ``execution.local_max_rows``. Its worker's start-up (~1.5 CPU-s) then overlaps the
+    scan, which keeps one core of the driver busy, instead of the stage actors' start-up."""
+    spec = next((s for s in specs if s.name == "dedup"), None)
+    new_inputs = n_inputs - len(lineage.keys.keys() | lineage.rejects.keys())
+    if spec is None or not info["ray_started"] or new_inputs <= cfg.execution.local_max_rows:
+        return None
+    from stages.dedup import index_name, start_index
+
+    start_index(index_name(run_id), spec.params)
+    return index_name(run_id)
+
+
+def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str, local: bool,
+                 early: bool = False) -> str | None:
+    """The run's dedup index, seeded with the stored signatures: the early actor when there is one
+    and the plan goes to actors, else a new one (in this process for a local plan)."""
     spec = next((s for s in specs if s.name == "dedup"), None)
     if spec is None or not plan.rows:
         return None
-    from stages.dedup import create_index, index_name
+    from stages.dedup import create_index, index_name, seed_index
 
     name = index_name(run_id)
-    create_index(name, spec.params, store.dedup_signatures(exclude=plan.removed), local=local)
+    existing = store.dedup_signatures(exclude=plan.removed)
+    if early and not local:
+        seed_index(name, existing)
+    else:
+        create_index(name, spec.params, existing, local=local)   # replaces an early actor
     return name
 
 

@@ -18,6 +18,7 @@ The first row seen wins: rows already in the store (``existing``) before this ru
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -260,19 +261,64 @@ _LOCAL: dict[str, DedupIndex] = {}
 _ACTORS: dict[str, Any] = {}
 
 
+class IndexActor:
+    """A ``DedupIndex`` in a Ray actor that may be started before it is seeded: the runner starts
+    it before the scan, so that the worker's start-up overlaps the driver's scan, and seeds it
+    once the plan says which stored rows count. Async: a check that arrives before the seed
+    waits for it (in arrival order; no two checks run at once)."""
+
+    def __init__(self, params: dict):
+        self._params = params
+        self._index: DedupIndex | None = None
+        self._error = ""
+        self._seeded = asyncio.Event()
+
+    async def seed(self, existing: list[tuple[str, str]]) -> None:
+        try:
+            self._index = DedupIndex(self._params, existing)
+        except Exception as exc:   # a bad stored signature: every check reports it, none waits forever
+            self._error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._seeded.set()
+
+    async def check(self, sigs: list[Signature]) -> list[str | None]:
+        return (await self._ready()).check(sigs)
+
+    async def size(self) -> int:
+        return (await self._ready()).size()
+
+    async def _ready(self) -> DedupIndex:
+        await self._seeded.wait()
+        if self._index is None:
+            raise RuntimeError(f"the dedup index could not be seeded from the store: {self._error}")
+        return self._index
+
+
+def start_index(name: str, params: dict) -> None:
+    """Start the run's index actor, empty until ``seed_index`` (checks wait for the seed).
+    Replaces an index of the same name."""
+    close_index(name)
+    _ACTORS[name] = ray.remote(num_cpus=0)(IndexActor).options(name=name).remote(params)
+
+
+def seed_index(name: str, existing: list[tuple[str, str]]) -> None:
+    """Seed a started index with (id, dedup_sig) of rows already stored, which count as seen first.
+    Not waited for: the actor seeds itself while the stages' actor pools start."""
+    _ACTORS[name].seed.remote(existing)
+
+
 def create_index(name: str, params: dict, existing: list[tuple[str, str]], local: bool = False) -> Any:
     """Create the run's index (a named Ray actor when Ray is up, unless ``local``: then the stages
     run in this process too); ``existing`` = (id, dedup_sig) of rows already stored, which count
     as seen first. Replaces an index of the same name."""
-    close_index(name)
     if local or not ray.is_initialized():
+        close_index(name)
         _LOCAL[name] = DedupIndex(params, existing)
         return _LOCAL[name]
-    # Not waited for: the actor starts and seeds itself while the stages' actor pools start; the
-    # parameters were validated at plan time and a bad stored signature fails the first check.
-    actor = ray.remote(num_cpus=0)(DedupIndex).options(name=name).remote(params, existing)
-    _ACTORS[name] = actor
-    return actor
+    start_index(name, params)
+    seed_index(name, existing)
+    return _ACTORS[name]
 
 
 def close_index(name: str) -> None:

@@ -1,5 +1,6 @@
-"""Blocks and stage batches: a Ray Data block holds several stage batches; the stages still see
-their own batch size, and the result (features and shards) is the one the driver's local path gives."""
+"""How the processing pass runs: a Ray Data block holds several stage batches, the stages still see
+their own batch size (dedup the whole block), and the result (features and shards) is the one the
+driver's local path gives; a warm driver starts the dedup index actor before the scan."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from pipeline import execution
+from pipeline import execution, runner
 from pipeline.config import Config, Resources
 from pipeline.demo import make_demo
 from pipeline.execution import Group, StageChain, block_rows
@@ -108,3 +109,32 @@ def _samples(store: Path) -> dict[str, dict[str, bytes]]:
                 data = json.dumps({k: v for k, v in json.loads(data).items() if k != "run_id"}).encode()
             out.setdefault(key, {})[ext] = data
     return out
+
+
+def test_a_warm_driver_seeds_an_index_started_before_the_scan(tmp_path, ray_session, monkeypatch):
+    """With Ray up and more new inputs than local_max_rows, the run's dedup index actor starts
+    before the scan and is seeded after the plan: a new row that repeats a stored one is still a
+    duplicate of the stored row."""
+    from stages import dedup
+
+    manifest = make_demo(tmp_path / "data", n=20)
+    store = tmp_path / "store"
+    cfg = config(tmp_path, manifest, store)
+    run(cfg, log=lambda s: None)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    copy = dict(rows[1], id="copy", label="another")   # the same media as s00001, a label of its own
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows + [copy]))
+
+    started, start_index, scan = [], dedup.start_index, runner.scan
+
+    def scan_after_start(*args, **kwargs):
+        assert started, "the index actor starts before the scan"
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(dedup, "start_index", lambda name, params: (started.append(name), start_index(name, params)))
+    monkeypatch.setattr(runner, "scan", scan_after_start)
+    record = run(cfg, log=lambda s: None).record
+    assert started == [dedup.index_name(record["run_id"])] and record["counts"]["processed"] == 1
+    rejects = DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()
+    assert [(r["reason"], r["detail"]) for r in rejects if r["id"] == "copy"] == [("duplicate", "s00001")]
+

@@ -9,7 +9,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from stages.base import StageContext, object_column
-from stages.dedup import Dedup, DedupParams, close_index, create_index, index_name, signature_of
+from stages.dedup import (Dedup, DedupParams, close_index, create_index, index_name, seed_index, signature_of,
+                          start_index)
 from stages.media import encode_flac, encode_image
 
 WORDS = ("river stone bright morning quiet forest path under clouds where small birds sing softly "
@@ -228,3 +229,30 @@ def test_stage_through_ray_actor(ray_local):
         close_index(name)
     with pytest.raises(RuntimeError, match="create_index"):
         Dedup({}, StageContext(run_id="ray-run"))
+
+
+def test_an_index_started_before_its_seed_answers_checks_only_once_seeded(ray_local):
+    """The runner starts the index actor before the scan and seeds it after the plan: a check that
+    arrives first waits for the seed (so stored rows still count as seen first)."""
+    ray = ray_local
+    p = DedupParams()
+    text = paragraph(12)
+    stored = signature_of("stored", {"image": None, "text": text, "audio": None}, p)
+    name = index_name("early-run")
+    start_index(name, p.model_dump())
+    try:
+        pending = ray.get_actor(name).check.remote([signature_of("new", {"image": None, "text": text, "audio": None}, p)])
+        assert ray.wait([pending], timeout=1.0)[0] == []   # waits for the seed
+        seed_index(name, [(stored.id, stored.to_json())])
+        assert ray.get(pending, timeout=30) == ["stored"]
+
+    finally:
+        close_index(name)
+    broken = index_name("broken-run")   # a seed that fails fails every check instead of leaving it waiting
+    start_index(broken, p.model_dump())
+    try:
+        seed_index(broken, [("broken", "{not json")])
+        with pytest.raises(ray.exceptions.RayTaskError, match="could not be seeded"):
+            ray.get(ray.get_actor(broken).check.remote([stored]), timeout=30)
+    finally:
+        close_index(broken)
