@@ -15,7 +15,7 @@ Runs are made in ``--repeat`` rounds, each round every variant once, close toget
 shut down while the plain loops run): this machine is shared and its speed drifts by up to 30 % over
 minutes, so a ratio is taken within a round, and the median over rounds is the figure.
 
-Run: .venv/bin/python benchmarks/bench_pipeline.py [--n 3000,10000] [--batch-size 32] [--no-scaling]
+Run: .venv/bin/python benchmarks/bench_pipeline.py [--n 3000,10000,30000] [--batch-size 32] [--no-scaling]
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def pipeline_once(manifest: Path, num_cpus: int, batch_size: int, label: str) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", default="3000,10000", help="good rows in the generated demo dataset(s) (+8 bad ones)")
+    ap.add_argument("--n", default="3000,10000,30000", help="good rows in the generated demo dataset(s) (+8 bad ones)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--no-scaling", action="store_true", help="skip the 1-CPU pipeline run")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the machine's parallel ceiling")
