@@ -189,6 +189,57 @@ def test_undecodable_image_is_rejected(run_id):
     assert out["reject_reason"][0] == "dedup_error"
 
 
+def test_minhash_bands_find_what_datasketch_lsh_finds():
+    """The index's own banding (rows added a matrix at a time) gives the candidates
+    MinHashLSH.query gives, filtered by the same Jaccard estimate."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    from stages.dedup import MINHASH_SCHEME, _MinHashBands
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**32, size=(40, 128), dtype=np.uint32)
+    rows = [base[k % 40].copy() for k in range(400)]
+    for k, row in enumerate(rows[40:], start=40):   # copies with 0-40 % of their values redrawn
+        redraw = rng.random(128) < (k % 9) / 20
+        row[redraw] = rng.integers(0, 2**32, size=int(redraw.sum()), dtype=np.uint32)
+    ids = [f"r{k}" for k in range(400)]
+
+    def lean(values):
+        return LeanMinHash(seed=1, hashvalues=values, scheme=MINHASH_SCHEME)
+
+    for threshold in (0.5, 0.9):
+        bands, lsh = _MinHashBands(threshold, 128), MinHashLSH(threshold=threshold, num_perm=128)
+        bands.add(ids[:300], np.asarray(rows[:300]))
+        for i, row in zip(ids[:300], rows[:300]):
+            lsh.insert(i, lean(row))
+        for i in ids[:300:7]:   # removed from both
+            bands.remove(i)
+            lsh.remove(i)
+        for row in rows[250:]:
+            q = lean(row)
+            expected = {i for i in lsh.query(q) if q.jaccard(lean(bands.values[i])) >= threshold}
+            assert bands.near(row) == expected
+        assert sum(len(bands.near(row)) for row in rows[300:]) > 20   # near copies were found
+
+
+def test_seeding_runs_without_garbage_collection_and_restores_it(monkeypatch):
+    """Seeding makes many small objects that all live on; a long-lived driver's collections would
+    walk its whole heap each time. Collection is paused for the seed and back on after it."""
+    import gc
+
+    from stages import dedup
+
+    seen = []
+    from_json = dedup.Signature.from_json
+    monkeypatch.setattr(dedup.Signature, "from_json",
+                        classmethod(lambda cls, i, t: (seen.append(gc.isenabled()), from_json(i, t))[1]))
+    p = DedupParams()
+    stored = signature_of("a", {"image": None, "text": paragraph(1), "audio": None}, p)
+    index = dedup.DedupIndex(p, [("a", stored.to_json()), ("b", stored.to_json())])
+    assert seen == [False, False] and gc.isenabled()
+    assert index.check([signature_of("c", {"image": None, "text": paragraph(1), "audio": None}, p)]) == ["a"]
+
+
 def test_params_are_validated():
     with pytest.raises(ValidationError):
         DedupParams.model_validate({"exact": ["video"]})
