@@ -1,9 +1,10 @@
 """Dedup: exact and near-duplicate removal, within a run and against what the store holds.
 
 Signatures are computed where the rows are (the stage's actors); the shared state lives in one
-``DedupIndex`` per run: a Ray actor named ``mmpipe-dedup-<run_id>`` that the runner creates with
-``create_index`` before the plan runs (an in-process instance when Ray is not running). The
-stage sends each batch's signatures in one call; the index answers per row: ``None`` (kept and
+``DedupIndex`` per run: a Ray actor named ``mmpipe-dedup-<run_id>`` (``IndexActor``) that the
+runner creates with ``create_index``, or starts early with ``start_index`` and seeds with
+``seed_index``, before the processing pass (an in-process instance when Ray is not running). The
+stage sends each block's signatures in one call; the index answers per row: ``None`` (kept and
 registered) or the kept id the row duplicates. Matching rules:
 
 - exact, per key listed in ``Params.exact``: ``sample`` (every present modality equal and the same
@@ -11,8 +12,8 @@ registered) or the kept id the row duplicates. Matching rules:
   cleaned content;
 - near, at sample level: same modalities present, and each one close to the same kept row's:
   image by perceptual hash (Hamming distance <= ``phash_threshold``), text by MinHash Jaccard over
-  word shingles (>= ``minhash_threshold``; texts shorter than ``min_shingles`` only match exactly),
-  audio exactly.
+  word shingles (>= ``minhash_threshold``, among the candidates of datasketch's LSH banding; texts
+  shorter than ``min_shingles`` only match exactly), audio exactly.
 
 The first row seen wins: rows already in the store (``existing``) before this run's rows.
 """
