@@ -2,27 +2,38 @@
 
 Values are CxHxW uint8 tensors on the stage's device (CUDA when available under ``auto``);
 every op keeps the image's size, so shapes and dtype never change.
+
+torch and torchvision are imported on first use, not with this module: they take ~3 s to import,
+which a driver that only validates this stage's parameters (``build_stages``) should not pay.
 """
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Any, Literal
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-import torchvision.transforms.v2.functional as F
 from pydantic import Field, field_validator
-from torchvision.transforms import InterpolationMode
 
 from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, noise_seed, register_op, uniform
 from stages.base import StageParams
 from stages.media import decode_image, encode_image, image_format
 from stages.registry import register_stage
 
+if TYPE_CHECKING:
+    import torch
+
 Range = tuple[float, float]
 OPS: dict[str, Op] = {}
 op = partial(register_op, OPS)
+
+
+@cache
+def _tv():
+    """torchvision's v2 functional ops (see the module docstring)."""
+    import torchvision.transforms.v2.functional as F
+
+    return F
 
 
 def _hw(img: torch.Tensor) -> tuple[int, int]:
@@ -52,13 +63,13 @@ def _draw_crop(rng: np.random.Generator, pol: ResizedCropPolicy, img: torch.Tens
 
 @op("resized_crop", _draw_crop)
 def resized_crop(img: torch.Tensor, r: dict) -> torch.Tensor:
-    return F.resized_crop(img, r["top"], r["left"], r["height"], r["width"], list(r["size"]), antialias=True)
+    return _tv().resized_crop(img, r["top"], r["left"], r["height"], r["width"], list(r["size"]), antialias=True)
 
 
 # -- horizontal flip --------------------------------------------------------------------------
 @op("hflip", lambda rng, pol, img, stage: {})
 def hflip(img: torch.Tensor, r: dict) -> torch.Tensor:
-    return F.horizontal_flip(img)
+    return _tv().horizontal_flip(img)
 
 
 # -- rotation ---------------------------------------------------------------------------------
@@ -69,7 +80,8 @@ class RotatePolicy(OpPolicy):
 
 @op("rotate", lambda rng, pol, img, stage: {"angle": uniform(rng, (-pol.degrees, pol.degrees), 3)})
 def rotate(img: torch.Tensor, r: dict) -> torch.Tensor:
-    return F.rotate(img, r["angle"], interpolation=InterpolationMode.BILINEAR, fill=0)
+    F = _tv()
+    return F.rotate(img, r["angle"], interpolation=F.InterpolationMode.BILINEAR, fill=0)
 
 
 # -- colour jitter ----------------------------------------------------------------------------
@@ -91,6 +103,7 @@ def _draw_jitter(rng: np.random.Generator, pol: ColorJitterPolicy, img: torch.Te
 
 @op("color_jitter", _draw_jitter)
 def color_jitter(img: torch.Tensor, r: dict) -> torch.Tensor:
+    F = _tv()
     img = F.adjust_brightness(img, r["brightness"])
     img = F.adjust_contrast(img, r["contrast"])
     img = F.adjust_saturation(img, r["saturation"])
@@ -105,6 +118,8 @@ class NoisePolicy(OpPolicy):
 
 @op("gaussian_noise", lambda rng, pol, img, stage: {"sigma": uniform(rng, pol.sigma), "seed": noise_seed(rng)})
 def gaussian_noise(img: torch.Tensor, r: dict) -> torch.Tensor:
+    import torch
+
     # the field comes from numpy on the host so CPU and CUDA runs add the same noise
     field = np.random.default_rng(r["seed"]).standard_normal(tuple(img.shape), dtype=np.float32)
     noisy = img.float() / 255.0 + r["sigma"] * torch.from_numpy(field).to(img.device)
@@ -127,11 +142,13 @@ def _draw_blur(rng: np.random.Generator, pol: BlurPolicy, img: torch.Tensor, _st
 @op("gaussian_blur", _draw_blur)
 def gaussian_blur(img: torch.Tensor, r: dict) -> torch.Tensor:
     k, s = r["kernel_size"], r["sigma"]
-    return F.gaussian_blur(img, [k, k], [s, s])
+    return _tv().gaussian_blur(img, [k, k], [s, s])
 
 
 # -- the stage --------------------------------------------------------------------------------
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("augment.image: device 'cuda' asked for but torch.cuda.is_available() is False")
     if device == "auto":
@@ -169,6 +186,8 @@ class ImageAugmenter(ModalityAugmenter):
 
     @classmethod
     def decode(cls, data: bytes, params: ImageAugParams) -> torch.Tensor:
+        import torch
+
         pixels = decode_image(data)
         return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).to(resolve_device(params.device))
 

@@ -8,22 +8,18 @@ word from the text instead of a synonym.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+from functools import cache, partial
+from typing import Any, Callable
 
 import numpy as np
-from nltk.tokenize import TweetTokenizer
-from nltk.tokenize.treebank import TreebankWordDetokenizer
 from pydantic import Field, field_validator
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from stages.augment.base import ModalityAugmenter, Op, OpPolicy, check_ops, register_op
 from stages.augment.wordnet import DEFAULT_WORDNET_DIR, load_wordnet
 from stages.base import StageContext, StageParams
+from stages.cleanup.text import stop_words, tokenizer
 from stages.registry import register_stage
 
-TOKENIZER = TweetTokenizer(preserve_case=True)
-DETOKENIZER = TreebankWordDetokenizer()
 OPS: dict[str, Op] = {}
 op = partial(register_op, OPS)
 
@@ -38,8 +34,22 @@ class EdaPolicy(OpPolicy):
         return max(1, int(self.alpha * len(tokens)))
 
 
+@cache
+def _nltk() -> tuple[Callable[[str], list[str]], Callable[[list[str]], str], frozenset[str]]:
+    """The tokenizer, the detokenizer and the stop words, made on first use: NLTK and
+    scikit-learn take ~1.5 s to import, which a driver that only validates this stage's
+    parameters (``build_stages``) should not pay."""
+    from nltk.tokenize.treebank import TreebankWordDetokenizer
+
+    return tokenizer("tweet"), TreebankWordDetokenizer().detokenize, stop_words("english")
+
+
+def tokenize(text: str) -> list[str]:
+    return _nltk()[0](text)
+
+
 def is_word(token: str) -> bool:
-    return token.isalpha() and token.lower() not in ENGLISH_STOP_WORDS
+    return token.isalpha() and token.lower() not in _nltk()[2]
 
 
 # -- synonym replacement ----------------------------------------------------------------------
@@ -171,8 +181,8 @@ class TextAugmenter(ModalityAugmenter):
 
     @classmethod
     def decode(cls, text: str, params: TextAugParams) -> list[str]:
-        return TOKENIZER.tokenize(text)
+        return tokenize(text)
 
     @classmethod
     def encode(cls, tokens: list[str], original: str, params: TextAugParams) -> str:
-        return DETOKENIZER.detokenize(tokens)
+        return _nltk()[1](tokens)

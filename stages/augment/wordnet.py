@@ -11,10 +11,12 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import nltk
-from nltk.corpus.reader.wordnet import WordNetCorpusReader
+if TYPE_CHECKING:   # NLTK is imported when a reader is made: ~1.4 s, not paid by a driver validating params
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,22 @@ LEXNAMES = (
 ).split()
 
 
-class DebianWordNetReader(WordNetCorpusReader):
-    """nltk's reader over a plain WordNet 3.0 database directory."""
+@cache
+def _reader_class() -> type[WordNetCorpusReader]:
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    def open(self, file):  # noqa: A003 - nltk's name
-        if file == "lexnames" and not Path(self._root.path, "lexnames").exists():
-            return io.StringIO("".join(f"{i:02d}\t{name}\t0\n" for i, name in enumerate(LEXNAMES)))
-        return super().open(file)
+    class DebianWordNetReader(WordNetCorpusReader):
+        """nltk's reader over a plain WordNet 3.0 database directory."""
 
-    def map_wn(self, version: str = "wordnet"):
-        return None  # English only: no mapping to another WordNet version is needed
+        def open(self, file):  # noqa: A003 - nltk's name
+            if file == "lexnames" and not Path(self._root.path, "lexnames").exists():
+                return io.StringIO("".join(f"{i:02d}\t{name}\t0\n" for i, name in enumerate(LEXNAMES)))
+            return super().open(file)
+
+        def map_wn(self, version: str = "wordnet"):
+            return None  # English only: no mapping to another WordNet version is needed
+
+    return DebianWordNetReader
 
 
 def missing_files(wordnet_dir: str) -> list[str]:
@@ -62,11 +70,13 @@ def load_wordnet(wordnet_dir: str = DEFAULT_WORDNET_DIR) -> WordNetCorpusReader 
             log.warning("WordNet not found at %s (install Debian's wordnet-base); synonym "
                         "replacement is skipped, the other text ops still run", root)
         return None
+    import nltk
+
     if root not in nltk.data.path:
         nltk.data.path.append(root)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The multilingual functions are not available")
-        _readers[root] = DebianWordNetReader(root, None)
+        _readers[root] = _reader_class()(root, None)
     return _readers[root]
 
 

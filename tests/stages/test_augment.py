@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from stages.augment import copy_seed, replay
 from stages.augment.audio import AudioAugmenter
 from stages.augment.copies import AugmentCopies
 from stages.augment.image import ImageAugmenter
-from stages.augment.text import TOKENIZER, TextAugmenter
+from stages.augment.text import TextAugmenter, tokenize
 from stages.base import StageContext, object_column
 from stages.media import decode_image, encode_flac, encode_image
 from stages.registry import STAGES
@@ -158,6 +161,20 @@ def test_stages_are_registered():
     assert {"augment.copies", "augment.image", "augment.text", "augment.audio"} <= set(STAGES)
 
 
+def test_a_driver_validating_augment_params_imports_neither_torch_nor_nltk():
+    """``build_stages`` imports every stage's module to validate its params, and runs none of them.
+    torch and torchvision (~3 s) and NLTK and scikit-learn (~1.5 s) come in with the first
+    augmented row instead: a no-op rerun of an augmenting config paid ~4.5 s for them."""
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    code = ("import sys; from pipeline.config import load_config; from pipeline.plan import build_stages; "
+            f"names = [s.name for s in build_stages(load_config({str(demo)!r}), 1)]; "
+            "print([m for m in ('torch', 'torchvision', 'nltk', 'sklearn') if m in sys.modules]); print(names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, names = out.stdout.strip().splitlines()
+    assert loaded == "[]", out.stderr
+    assert "'augment.image'" in names and "'augment.text'" in names
+
+
 # -- WordNet ----------------------------------------------------------------------------------
 def test_without_wordnet_other_text_ops_still_run(tmp_path, caplog):
     params = {**ALWAYS["text"], "wordnet_dir": str(tmp_path)}
@@ -181,7 +198,7 @@ def test_synonyms_come_from_debian_wordnet():
     assert "speedy" in stage.synonyms("quick")
     new, ops = stage.augment(TEXT, np.random.default_rng(0))
     (rec,) = ops
-    tokens = TOKENIZER.tokenize(TEXT)
+    tokens = tokenize(TEXT)
     for i, word in rec["replacements"]:
         assert word.lower() in stage.synonyms(tokens[i])
     assert new != TEXT
