@@ -200,7 +200,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
                     info = ensure_ray(cfg, info, log)
                     specs = build_stages(cfg, info["num_cpus"])
             with phases("dedup_index"):
-                index = _start_dedup(cfg, specs, store, plan, run_id, local, early=index is not None) or index
+                index = _start_dedup(cfg, specs, store, plan, run_id, local, early=index)
             staging = store.local_dir("_staging", run_id)
             sink = RunSink(store, run_id, fps, staging, cfg.execution.shard_max_count)
             shards = None if local or not shards_in_actors(cfg, store.is_local, info["remote"]) else {
@@ -235,37 +235,43 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
     return RunResult(run_id, record, store)
 
 
+def _dedup_spec(specs: list[StageSpec]) -> StageSpec | None:
+    return next((s for s in specs if s.name == "dedup"), None)
+
+
 def _early_index(cfg: Config, specs: list[StageSpec], run_id: str, info: dict, n_inputs: int,
                  lineage: Lineage) -> str | None:
     """Start the run's dedup index actor before the scan when the plan will go to actor pools for
     sure: Ray is up already (a long-lived driver, a job on a cluster) and more inputs are new to the
     store than ``execution.local_max_rows``. Its worker's start-up (~1.5 CPU-s) then overlaps the
     scan, which keeps one core of the driver busy, instead of the stage actors' start-up."""
-    spec = next((s for s in specs if s.name == "dedup"), None)
+    spec = _dedup_spec(specs)
     new_inputs = n_inputs - len(lineage.keys.keys() | lineage.rejects.keys())
     if spec is None or not info["ray_started"] or new_inputs <= cfg.execution.local_max_rows:
         return None
     from stages.dedup import index_name, start_index
 
-    start_index(index_name(run_id), spec.params)
-    return index_name(run_id)
+    name = index_name(run_id)
+    start_index(name, spec.params)
+    return name
 
 
 def _start_dedup(cfg: Config, specs: list[StageSpec], store: Store, plan: Plan, run_id: str, local: bool,
-                 early: bool = False) -> str | None:
-    """The run's dedup index, seeded with the stored signatures: the early actor when there is one
-    and the plan goes to actors, else a new one (in this process for a local plan)."""
-    spec = next((s for s in specs if s.name == "dedup"), None)
+                 early: str | None) -> str | None:
+    """The run's dedup index, seeded with the stored signatures: ``early`` (the actor started before
+    the scan) when the plan goes to actors, else a new one (in this process for a local plan). Returns
+    the index the run closes at its end: ``early`` as it is when the plan has no rows."""
+    spec = _dedup_spec(specs)
     if spec is None or not plan.rows:
-        return None
+        return early
     from stages.dedup import create_index, index_name, seed_index
 
-    name = index_name(run_id)
     existing = store.dedup_signatures(exclude=plan.removed)
     if early and not local:
-        seed_index(name, existing)
-    else:
-        create_index(name, spec.params, existing, local=local)   # replaces an early actor
+        seed_index(early, existing)
+        return early
+    name = index_name(run_id)
+    create_index(name, spec.params, existing, local=local)   # replaces an early actor
     return name
 
 

@@ -9,7 +9,7 @@ word from the text instead of a synonym.
 from __future__ import annotations
 
 from functools import cache, partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -34,22 +34,27 @@ class EdaPolicy(OpPolicy):
         return max(1, int(self.alpha * len(tokens)))
 
 
+class _TextTools(NamedTuple):
+    tokenize: Callable[[str], list[str]]       # NLTK's tweet tokenizer
+    detokenize: Callable[[list[str]], str]     # NLTK's Treebank detokenizer
+    stop_words: frozenset[str]                 # scikit-learn's English list
+
+
 @cache
-def _nltk() -> tuple[Callable[[str], list[str]], Callable[[list[str]], str], frozenset[str]]:
-    """The tokenizer, the detokenizer and the stop words, made on first use: NLTK and
-    scikit-learn take ~1.5 s to import, which a driver that only validates this stage's
-    parameters (``build_stages``) should not pay."""
+def _tools() -> _TextTools:
+    """Made on first use: NLTK and scikit-learn take ~1.5 s to import, which a driver that only
+    validates this stage's parameters (``build_stages``) should not pay."""
     from nltk.tokenize.treebank import TreebankWordDetokenizer
 
-    return tokenizer("tweet"), TreebankWordDetokenizer().detokenize, stop_words("english")
+    return _TextTools(tokenizer("tweet"), TreebankWordDetokenizer().detokenize, stop_words("english"))
 
 
 def tokenize(text: str) -> list[str]:
-    return _nltk()[0](text)
+    return _tools().tokenize(text)
 
 
 def is_word(token: str) -> bool:
-    return token.isalpha() and token.lower() not in _nltk()[2]
+    return token.isalpha() and token.lower() not in _tools().stop_words
 
 
 # -- synonym replacement ----------------------------------------------------------------------
@@ -185,4 +190,4 @@ class TextAugmenter(ModalityAugmenter):
 
     @classmethod
     def encode(cls, tokens: list[str], original: str, params: TextAugParams) -> str:
-        return _nltk()[1](tokens)
+        return _tools().detokenize(tokens)
