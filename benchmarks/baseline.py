@@ -19,21 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common import batches_of
-from stages.base import Batch, StageContext, num_rows, object_column
-
-
-def to_batch(rows: list[dict]) -> Batch:
-    """Row dicts -> a numpy batch shaped like Ray Data's (object columns for str / bytes / None)."""
-    batch: Batch = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            batch[key] = np.asarray(values, dtype=np.int64)
-        elif all(isinstance(v, (bool, np.bool_)) for v in values):
-            batch[key] = np.asarray(values, dtype=bool)
-        else:
-            batch[key] = object_column(values)
-    return batch
+from stages.base import Batch, StageContext, num_rows, rows_to_batch
 
 
 def to_rows(batch: Batch) -> list[dict]:
@@ -61,7 +47,7 @@ def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = Fal
     out: list[Batch] = []
     start = time.perf_counter()
     for chunk in batches_of(rows, batch_size):
-        batch = to_batch(chunk)
+        batch = rows_to_batch(chunk)
         for stage in stages:
             t = time.perf_counter()
             batch = stage(batch)
@@ -89,7 +75,7 @@ def scan_rows(cfg: Any, context: StageContext) -> tuple[list[dict], float]:
     scan = IngestScan({"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}, context)
     scanned = []
     for chunk in batches_of(rows, 64):
-        batch = scan(to_batch(chunk))
+        batch = scan(rows_to_batch(chunk))
         scanned += [{k: r[k] for k in SCAN_COLUMNS} for r in to_rows(batch)]
     return scanned, time.perf_counter() - start
 

@@ -136,6 +136,26 @@ def object_column(values: list[Any]) -> np.ndarray:
     return col
 
 
+def rows_to_batch(rows: list[dict]) -> Batch:
+    """Row dicts -> a numpy batch shaped like one out of Ray Data's Arrow blocks: int64 / bool /
+    float64 columns where every value is one, else object columns (str, bytes, None). Keys are the
+    rows' union in first-seen order; a row without a key has None there."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    batch: Batch = {}
+    for key in keys:
+        values = [r.get(key) for r in rows]
+        kinds = {type(v) for v in values}
+        if kinds <= {int, np.int64}:
+            batch[key] = np.asarray(values, dtype=np.int64)
+        elif kinds <= {bool, np.bool_}:
+            batch[key] = np.asarray(values, dtype=bool)
+        elif kinds <= {float, np.float64}:
+            batch[key] = np.asarray(values, dtype=np.float64)
+        else:
+            batch[key] = object_column(values)
+    return batch
+
+
 def update_meta(batch: Batch, i: int, **values: Any) -> None:
     meta = json.loads(batch[META][i] or "{}")
     meta.update(values)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -16,6 +15,7 @@ from pipeline.config import Config, Resources
 from pipeline.demo import make_demo
 from pipeline.execution import Group, StageChain, block_rows
 from pipeline.runner import run
+from stages.base import StageContext, StageStats
 from tests.pipeline.helpers import config, shard_members
 from tests.stages.helpers import make_batch
 
@@ -32,6 +32,31 @@ def test_block_rows_spread_capped_and_never_below_a_stage_batch():
     assert block_rows(30_000, _groups(32, 512), cfg, num_cpus=2) == 512  # a GPU batch is not cut
 
 
+def test_rows_to_batch_types_columns_as_arrow_would_and_fills_missing_keys():
+    from stages.base import rows_to_batch
+
+    batch = rows_to_batch([{"id": "a", "n": 1, "ok": True, "x": 0.5, "image": b"\x00\x01"},
+                           {"id": "b", "n": 2, "ok": False, "x": 1.5, "text": "hi"}])
+    assert list(batch) == ["id", "n", "ok", "x", "image", "text"]
+    assert batch["n"].dtype == np.int64 and batch["ok"].dtype == bool and batch["x"].dtype == np.float64
+    assert batch["id"].dtype == object and batch["image"].tolist() == [b"\x00\x01", None]
+    assert batch["text"].tolist() == [None, "hi"]
+
+
+def test_build_dataset_hands_the_actors_every_row_as_it_was(ray_session):
+    """The rows go to the object store by reference, a block's worth per put; the first actor pool
+    rebuilds them: every row once, in order, media bytes and uneven keys intact."""
+    rows = [{"id": f"r{i}", "row": i, "image": bytes([i % 256]) * (i + 1)} | ({"text": f"t{i}"} if i % 3 else {})
+            for i in range(100)]
+    cfg = Config.model_validate({"execution": {"block_rows": 16, "batch_size": 8}})
+    ds = execution.build_dataset(rows, [], StageContext(), cfg, num_cpus=2)
+    out = {b["id"][i]: {k: v[i] for k, v in b.items()} for b in execution.iter_output(ds) for i in range(len(b["id"]))}
+    assert sorted(out) == sorted(r["id"] for r in rows)
+    for r in rows:
+        o = out[r["id"]]
+        assert (o["row"], o["image"], o["text"]) == (r["row"], r["image"], r.get("text"))
+
+
 class _Recorder:
     """A stage that records the batch sizes it is called with and drops every third row."""
     name = "recorder"
@@ -39,7 +64,7 @@ class _Recorder:
 
     def __init__(self):
         self.sizes: list[int] = []
-        self.stats = SimpleNamespace(rejected={})
+        self.stats = StageStats()   # what the actors' metrics read, where Ray is up
 
     def __call__(self, batch):
         self.sizes.append(len(batch["id"]))
