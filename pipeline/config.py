@@ -82,7 +82,7 @@ class ExecutionConfig(Strict):
     shard_writer: Literal["auto", "actors", "driver"] = "auto"
     # Rows per Ray Data block (one task): several stage batches, so that scheduling, object-store
     # puts and conversions are paid per block, not per batch. Smaller for small runs (8 blocks per CPU).
-    block_rows: int = Field(256, ge=1)
+    block_rows: int = Field(512, ge=1)
     # Plans this small (typical incremental runs) skip the actor pools and run the stages in the
     # driver: an actor pool's start-up costs more than the work. 0 = always use Ray Data.
     local_max_rows: int = Field(200, ge=0)
