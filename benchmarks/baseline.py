@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common import batches_of
-from stages.base import Batch, StageContext, num_rows, rows_to_batch
+from stages.base import Batch, num_rows, rows_to_batch
 
 
 def to_rows(batch: Batch) -> list[dict]:
@@ -59,27 +59,6 @@ def run_stages(stages: list, rows: list[dict], batch_size: int, keep: bool = Fal
     return LoopResult(len(rows), time.perf_counter() - start, dict(per_stage), out)
 
 
-def scan_rows(cfg: Any, context: StageContext) -> tuple[list[dict], float]:
-    """Pass 1 in this process: the ``ingest.scan`` stage over the source records (as the runner does)."""
-    from pipeline.sources import read_source
-    from stages.ingest import SCAN_COLUMNS, IngestScan
-
-    start = time.perf_counter()
-    rows = []
-    for rec in read_source(cfg.source):
-        d = rec.to_dict()
-        d["text"] = d["text"] or ""
-        d["image"], d["audio"] = d["image"] or "", d["audio"] or ""
-        d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
-        rows.append(d)
-    scan = IngestScan({"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}, context)
-    scanned = []
-    for chunk in batches_of(rows, 64):
-        batch = scan(rows_to_batch(chunk))
-        scanned += [{k: r[k] for k in SCAN_COLUMNS} for r in to_rows(batch)]
-    return scanned, time.perf_counter() - start
-
-
 def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False,
                    write: bool = False) -> tuple[LoopResult, float]:
     """The whole processing pass in one process: scan, plan, then every stage of ``cfg`` (or those
@@ -87,41 +66,37 @@ def plain_pipeline(cfg: Any, upto: str | None = None, keep: bool = False,
     With ``write``, the outputs the pipeline writes too: WebDataset shards and the features table
     (the pipeline's own sink, then one Delta write); not the rejects table or a run record.
 
-    Must run before Ray starts: the dedup index is then an in-process object."""
+    Runs without Ray: the stages' run-wide state (the dedup index) is then in this process. The
+    scan, the plan and the run hooks are the pipeline's own (``pipeline.orchestration``)."""
     import ray
 
-    from pipeline.plan import Lineage, build_stages, fingerprints, make_plan
-    from stages.dedup import close_index, create_index, index_name
-    from stages.registry import get_stage
+    from pipeline.orchestration import Pipeline
+    from pipeline.plan import Lineage
+    from pipeline.sources import read_source
 
     assert not ray.is_initialized(), "the plain baseline runs without Ray"
-    context = StageContext(run_id="baseline", seed=cfg.seed, bad_modality=cfg.bad_modality)
-    scanned, scan_s = scan_rows(cfg, context)
-    specs = build_stages(cfg, 1)
-    fps = fingerprints(cfg, specs)
-    plan = make_plan(scanned, Lineage(), fps, cfg)
-    if upto is not None:
-        specs = specs[:[s.name for s in specs].index(upto)]
-    dedup = next((s for s in specs if s.name == "dedup"), None)
-    if dedup is not None:
-        create_index(index_name(context.run_id), dedup.params, [])
-    try:
+    with Pipeline.build(cfg, "baseline", connect=False) as pipe:
         start = time.perf_counter()
-        stages = [get_stage(s.name)(s.params, context) for s in specs]
-        sink = _sink(cfg, context.run_id, fps) if write else None
+        scanned, _ = pipe.scan_records(read_source(cfg.source))
+        scan_s = time.perf_counter() - start
+        plan = pipe.plan(scanned, Lineage())
+        if upto is not None:
+            pipe.specs = pipe.specs[:[s.name for s in pipe.specs].index(upto)]
+        pipe.open_stages(pipe.specs, local=True)
+        start = time.perf_counter()
+        stages = [s.cls(s.params, pipe.context) for s in pipe.specs]
+        sink = _sink(cfg, pipe.run_id, pipe.fps) if write else None
         result = run_stages(stages, plan.rows, cfg.execution.batch_size, keep=keep,
                             on_batch=sink.add if sink else None)
         if sink is not None:
-            _commit(sink, context.run_id)
+            _commit(sink, pipe.run_id)
         result.seconds = time.perf_counter() - start   # stage construction (model loads) counts too
-    finally:
-        close_index(index_name(context.run_id))
     return result, scan_s
 
 
 def _sink(cfg: Any, run_id: str, fps: dict):
     from pipeline.sinks import RunSink
-    from pipeline.store import Store
+    from core.store import Store
 
     store = Store(cfg.store)
     return RunSink(store, run_id, fps, store.local_dir("_staging", run_id), cfg.execution.shard_max_count)

@@ -58,9 +58,9 @@ def feature_config(args, weights: str | None):
 
 
 def feature_specs(cfg, num_cpus: int):
-    from pipeline.plan import build_stages
+    from pipeline.plan import resolve_stages
 
-    return [s for s in build_stages(cfg, num_cpus) if s.name.startswith("features.")]
+    return [s for s in resolve_stages(cfg, num_cpus) if s.name.startswith("features.")]
 
 
 def plain_loop(specs, live: list[dict], total: int, batch_size: int) -> dict[str, float]:

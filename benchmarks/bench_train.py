@@ -66,7 +66,7 @@ def timed_train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.config import TrainingConfig
+    from core.config import TrainingConfig
     from training.loop import ModelSpec, TorchCollective, TrainState, run_epoch, seed_everything
 
     ctx = ray.train.get_context()
@@ -128,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from pipeline.config import TrainingConfig
+    from core.config import TrainingConfig
 
     data = training_data(args.rows)
     tc = TrainingConfig(fusion=args.fusion, epochs=args.epochs, num_workers=args.workers,

@@ -53,7 +53,7 @@ def pipeline_config(manifest: Path, store: Path, *, num_cpus: int | None = None,
                     augment: bool = False, extra: dict[str, Any] | None = None):
     """configs/demo.yaml (weight-free encoders) on this manifest and store; augmentation off unless
     asked, so every stage runs once per input row."""
-    from pipeline.config import Config
+    from core.config import Config
 
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     if not augment:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer._click.exceptions import UsageError   # typer vendors its own click
 
-from pipeline.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="mmpipe: multimodal data pipeline on Ray (cleanup, dedup, augmentation, features, fusion training).")
@@ -16,7 +17,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.sources import SourceError
-    from pipeline.store import StoreBusy
+    from core.store import StoreBusy
 
     return ConfigError, SourceError, StoreBusy
 
@@ -62,16 +63,20 @@ def train(config: Path = typer.Argument(...),
     """Train a fusion classifier with Ray Train from the stored features."""
     cfg = _config(config, set_, store=store, ray__address=address)
     from pipeline.execution import init_ray
+    from training.compare import compare as run_compare, comparison_runs
+    from training.train import check_request, train as run_train
 
+    tc = cfg.training
+    mods = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip()]
+    # Fail on a user mistake here: starting Ray takes seconds.
+    if compare:
+        comparison_runs(cfg, cfg.store)
+    else:
+        check_request(cfg.store, fusion or tc.fusion, tc.modalities if mods is None else mods, tc.features_version)
     init_ray(cfg)
     if compare:
-        from training.compare import compare as run_compare
-
         typer.echo(f"comparison written to {run_compare(cfg, cfg.store)}")
         return
-    from training.train import train as run_train
-
-    mods = [m.strip() for m in modalities.split(",")] if modalities else None
     result = run_train(cfg, cfg.store, fusion=fusion, modalities=mods, name=name)
     m = result.metrics
     typer.echo(f"model: {result.model_dir}\naccuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f} "
@@ -85,11 +90,29 @@ def predict(config: Path = typer.Argument(...),
             out: Path = typer.Option(..., "--out", help="Output file (.csv, .jsonl or .parquet)"),
             set_: list[str] = SetOpt) -> None:
     """Run raw records through the same cleanup and feature stages, then the model."""
-    from pipeline.predict import predict_records
-
     cfg = _config(config, set_, source__path=input)
-    summary = predict_records(cfg, model, out)
-    typer.echo(summary)
+    typer.echo(predict_records(cfg, model, out))
+
+
+def predict_records(cfg: Config, model: Path, out: Path) -> str:
+    """The pipeline's inference stages over ``cfg.source``, then the model; returns a summary line."""
+    import json
+
+    metrics_path = Path(model) / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(f"no trained model at {model} (metrics.json missing)")
+    if out.suffix not in (".csv", ".jsonl", ".json", ".parquet"):
+        raise ConfigError(f"unknown output type {out.suffix!r} (use .csv, .jsonl or .parquet)")
+    from pipeline.predict import featurize, summary, write_predictions   # torch: only past the checks
+    from training.predict import load_model, predict_table
+
+    loaded = load_model(model)
+    feats = featurize(cfg, json.loads(metrics_path.read_text()).get("stage_fingerprints", {}), loaded.spec.modalities)
+    preds = None
+    if feats.table is not None:
+        preds = predict_table(loaded, feats.table).append_column("label", feats.table["label"])
+    write_predictions(preds, feats.rejects, out)
+    return summary(0 if preds is None else preds.num_rows, feats.n_records, feats.rejects, out)
 
 
 @app.command()
@@ -97,7 +120,7 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
            version: Optional[int] = typer.Option(None, "--version", help="Show the tables at this version")) -> None:
     """Show a store's tables, their versions and the run history."""
     from pipeline.report import format_store
-    from pipeline.store import Store
+    from core.store import Store
 
     if "://" not in store and not Path(store).is_dir():
         _fail(f"store not found: {store}")
@@ -155,27 +178,32 @@ def _register_jobs() -> None:
 _register_jobs()
 
 
+def _one_line(message: str) -> str:
+    """The message on one line: the contract is exactly one ``mmpipe: error:`` line."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     errors = _user_errors()
     try:
-        # Non-standalone click returns (not raises) the code of a typer.Exit.
-        sys.exit(app(standalone_mode=False) or 0)
+        # Non-standalone click returns (not raises) the code of a typer.Exit, and raises its own
+        # exceptions so that they can be shown here, not as a traceback.
+        sys.exit(app(prog_name="mmpipe", standalone_mode=False) or 0)
     except errors as exc:
-        typer.echo(f"mmpipe: error: {exc}", err=True)
+        typer.echo(f"mmpipe: error: {_one_line(str(exc)) or type(exc).__name__}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("mmpipe: aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except UsageError as exc:   # malformed command line: click's usage message
+        exc.show()
+        sys.exit(2)
+    except typer.TyperException as exc:   # other click errors (a file option that cannot be opened)
+        typer.echo(f"mmpipe: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

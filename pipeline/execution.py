@@ -3,21 +3,20 @@ actor pool (models load once per actor; no serialisation between them), each gro
 ``map_batches`` over a callable class."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import ray
 
-from pipeline.config import Config, Resources
+from core.config import Config, Resources
 from pipeline.plan import StageSpec
-from pipeline.schema import normalize_batch
-from stages.base import Batch, StageContext, match_library_threads, num_rows, object_column, rows_to_batch
+from core.schema import normalize_batch
+from stages.base import (STATS_COLUMN, Batch, StageContext, decode_stats, encode_stats, match_library_threads, num_rows,
+                         object_column, rows_to_batch)
 
 TASKS_IN_FLIGHT = 4   # Ray Data tasks queued per actor
 BLOCKS_PER_CPU = 8    # blocks at least, where the rows allow: the last ones keep every actor busy
@@ -69,17 +68,17 @@ def ensure_ray(cfg: Config, info: dict[str, Any], log) -> dict[str, Any]:
 
 
 class StageChain:
-    """Runs a fused group of stages inside one Ray actor; per-stage timings ride along in a
-    ``_stats_<group>`` column (first row of each batch) so the driver can report them."""
+    """Runs a fused group of stages inside one Ray actor (or the driver). What each stage did to
+    each block is one ``StageStats`` record: recorded as Prometheus metrics here and sent to the
+    driver with the block (``STATS_COLUMN``, on its first row) for the run record."""
 
-    def __init__(self, specs: list[tuple[str, dict]], context: dict, group: int, batch_size: int | None = None,
+    def __init__(self, specs: list[tuple[str, dict]], context: dict, batch_size: int | None = None,
                  shards: dict | None = None, drop_media: bool = False, inputs: list | None = None):
-        from stages.registry import get_stage
+        from stages.registry import resolve_stage
 
         match_library_threads()
         ctx = StageContext(**context)
-        self.stages = [get_stage(name)(params, ctx) for name, params in specs]
-        self.group = group
+        self.stages = [resolve_stage(ref)(params, ctx) for ref, params in specs]
         self.batch_size = batch_size
         self.shards = shards   # the last group writes the samples: {store_uri, run_id, max_count}
         self.drop_media = drop_media   # the last group sends no media back (they are in the shards, or unwanted)
@@ -110,29 +109,22 @@ class StageChain:
 
     def run_block(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
-        stats: dict[str, list[float]] = {}
+        # Earlier pools' records leave the rows while the stages run (a stage that copies rows
+        # would copy them too) and come back on the first row.
+        records = [r for cell in batch.pop(STATS_COLUMN, ()) for r in decode_stats(cell)]
         for stage in self.stages:
             n = num_rows(batch)
             if n == 0:
                 break
             size = n if stage.whole_block else self.batch_size or n
-            parts = [self._run_stage(stage, _rows(batch, k, k + size), stats) for k in range(0, n, size)]
+            parts = [stage(_rows(batch, k, k + size)) for k in range(0, n, size)]
             batch = parts[0] if len(parts) == 1 else {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            records.append(stage.take_stats())
+            if self.metrics is not None:
+                self.metrics.record(records[-1])
         n = num_rows(batch)
         if n:
-            batch[f"_stats_{self.group}"] = object_column([json.dumps(stats)] + [""] * (n - 1))
-        return batch
-
-    def _run_stage(self, stage, batch: Batch, stats: dict[str, list[float]]) -> Batch:
-        start, n_in = time.perf_counter(), num_rows(batch)
-        rejected_before = dict(stage.stats.rejected)
-        batch = stage(batch)
-        secs = time.perf_counter() - start
-        acc = stats.setdefault(stage.name, [0, 0.0])
-        acc[0] += n_in
-        acc[1] += secs
-        if self.metrics is not None:
-            self.metrics.record(stage, n_in, num_rows(batch), secs, rejected_before)
+            batch[STATS_COLUMN] = object_column([encode_stats(records)] + [""] * (n - 1))
         return batch
 
 
@@ -197,8 +189,8 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
         actors = max(1, min(g.resources.concurrency, blocks))
         ds = ds.map_batches(
             StageChain,
-            fn_constructor_kwargs={"specs": [(s.name, s.params) for s in g.specs],
-                                   "context": context.model_dump(), "group": k,
+            fn_constructor_kwargs={"specs": [s.to_actor for s in g.specs],
+                                   "context": context.model_dump(),
                                    "batch_size": g.resources.batch_size,
                                    "shards": shards if k == len(groups) - 1 else None,
                                    "drop_media": drop_media and k == len(groups) - 1,
@@ -221,11 +213,22 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
 
 
 def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, batch_size: int) -> Iterable[Batch]:
-    """The same stages, fused into one chain, in this process: the small-plan fast path."""
-    chain = StageChain([(s.name, s.params) for s in specs], context.model_dump(), 0, batch_size)
-    for k in range(0, len(rows), batch_size):
-        part = rows[k:k + batch_size]
-        yield from chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
+    """The same stages, fused into one chain, in this process: the small-plan fast path. With the
+    threads of a 1-CPU actor: a BLAS or OpenCV reduction over more threads sums in another order,
+    and the driver's features must equal the actors' bit for bit."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    chain = StageChain([s.to_actor for s in specs], context.model_dump(), batch_size)
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with threadpool_limits(limits=1):
+            for k in range(0, len(rows), batch_size):
+                part = rows[k:k + batch_size]
+                yield from chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
+    finally:
+        cv2.setNumThreads(cv_threads)
 
 
 def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:

@@ -11,13 +11,14 @@ import asyncio
 import os
 import shlex
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
-from pipeline.config import ConfigError
+from core.config import ConfigError
 
 # gitignore-style patterns (Ray's runtime_env "excludes"), relative to the working dir.
 DEFAULT_EXCLUDES = [".venv/", "venv/", ".git/", "store/", "data/", "models/", "benchmarks/results/",
@@ -123,13 +124,32 @@ def resolve_address(address: Optional[str]) -> str:
     raise JobError("no cluster address: pass --address http://HOST:8265 or set RAY_API_SERVER_ADDRESS")
 
 
+@contextmanager
+def _api_server_env(addr: str) -> Iterator[None]:
+    """Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address a client is given; for
+    the client's set-up, make that the address resolved here (``--address`` first)."""
+    saved = os.environ.get(ADDRESS_ENV[0])
+    os.environ[ADDRESS_ENV[0]] = addr
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ADDRESS_ENV[0], None)
+        else:
+            os.environ[ADDRESS_ENV[0]] = saved
+
+
 def client(address: Optional[str]):
+    from ray.exceptions import RayError
     from ray.job_submission import JobSubmissionClient
 
     addr = resolve_address(address)
     try:
-        return JobSubmissionClient(addr)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+        with _api_server_env(addr):
+            return JobSubmissionClient(addr)
+    # RayError: a bare HOST:PORT is taken as the cluster's GCS address, and an unreachable one
+    # times out as an RpcError.
+    except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
         raise JobError(f"cannot reach the Ray cluster at {addr}: {_first_line(exc)}") from None
 
 

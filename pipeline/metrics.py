@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram, Metric
+
+from stages.base import StageStats
 
 # Batch latency buckets (seconds): sub-millisecond text stages up to minute-long GPU batches.
 LATENCY_BOUNDARIES = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
@@ -35,8 +36,8 @@ METRICS: dict[str, MetricSpec] = {
     "mmpipe_rejects": MetricSpec(Counter, "Rows a stage rejected in this batch, by reason code "
                                           "(under drop_modality: modalities it dropped).", ("stage", "reason")),
     "mmpipe_bytes_in": MetricSpec(Counter, "Media and text bytes a stage read (stages that measure it)."),
-    "mmpipe_batch_seconds": MetricSpec(Histogram, "Wall time of one stage over one batch, seconds."),
-    "mmpipe_rows_per_second": MetricSpec(Gauge, "Throughput of a stage's last batch on this worker, rows/s."),
+    "mmpipe_batch_seconds": MetricSpec(Histogram, "Wall time of one stage over one block, seconds."),
+    "mmpipe_rows_per_second": MetricSpec(Gauge, "Throughput of a stage's last block on this worker, rows/s."),
 }
 
 
@@ -59,31 +60,25 @@ class StageMetrics:
     def __init__(self) -> None:
         self.enabled = ray.is_initialized()
         self._m = _metrics() if self.enabled else {}
-        self._bytes_seen: dict[str, int] = {}
 
-    def record(self, stage: Any, n_in: int, n_out: int, secs: float, rejected_before: dict[str, int]) -> None:
-        """``stage`` is a ``stages.base.Stage``; ``rejected_before`` is a copy of its cumulative
-        ``stats.rejected`` taken before the batch, so the difference is this batch's rejects."""
+    def record(self, stats: StageStats) -> None:
+        """One stage's work on one block (the record that also goes into the run record)."""
         if not self.enabled:
             return
-        tags = {"stage": stage.name}
+        tags = {"stage": stats.stage}
         m = self._m
-        if n_in > 0:
-            m["mmpipe_rows_in"].inc(n_in, tags)
-        if n_out > 0:
-            m["mmpipe_rows_out"].inc(n_out, tags)
-        for reason, count in stage.stats.rejected.items():
-            delta = count - rejected_before.get(reason, 0)
-            if delta > 0:
-                m["mmpipe_rejects"].inc(delta, {"stage": stage.name, "reason": reason})
-        bytes_in = int(stage.stats.bytes_in)
-        delta_bytes = bytes_in - self._bytes_seen.get(stage.name, 0)
-        self._bytes_seen[stage.name] = bytes_in
-        if delta_bytes > 0:
-            m["mmpipe_bytes_in"].inc(delta_bytes, tags)
-        m["mmpipe_batch_seconds"].observe(secs, tags)
-        if secs > 0:
-            m["mmpipe_rows_per_second"].set(n_in / secs, tags)
+        if stats.rows_in > 0:
+            m["mmpipe_rows_in"].inc(stats.rows_in, tags)
+        if stats.rows_out > 0:
+            m["mmpipe_rows_out"].inc(stats.rows_out, tags)
+        for reason, count in stats.rejected.items():
+            if count > 0:
+                m["mmpipe_rejects"].inc(count, {"stage": stats.stage, "reason": reason})
+        if stats.bytes_in > 0:
+            m["mmpipe_bytes_in"].inc(stats.bytes_in, tags)
+        m["mmpipe_batch_seconds"].observe(stats.seconds, tags)
+        if stats.seconds > 0:
+            m["mmpipe_rows_per_second"].set(stats.rows_in / stats.seconds, tags)
 
 
 def prometheus_name(name: str) -> str:

@@ -7,81 +7,184 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import Config, ConfigError, Resources, StageConfig
-from stages.base import MODALITIES
-from stages.registry import get_stage
+from pydantic import ValidationError
+
+from core.config import Config, ConfigError, Resources, StageConfig
+from core.store import Store
+from stages.base import MODALITIES, Stage
+from stages.registry import resolve_stage
 
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One resolved stage: what runs (``ref``: a registered name or ``package.module:Class``), with
+    which validated parameters and resources."""
+
     name: str
     params: dict[str, Any]
     resources: Resources
     fingerprint: str
     modality: str | None
+    ref: str = ""
+    cls: type[Stage] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def to_actor(self) -> tuple[str, dict[str, Any]]:
+        """What an actor needs to build the stage: its reference and parameters."""
+        return self.ref or self.name, self.params
 
 
 def _h(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _spec(name: str, params: dict, resources: Resources) -> StageSpec:
+def _spec(ref: str, params: dict, resources: Resources, where: str) -> StageSpec:
     try:
-        cls = get_stage(name)
+        cls = resolve_stage(ref)
         fp = cls.fingerprint(params)
     except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
+        raise ConfigError(f"{where}: {exc.args[0]}") from None
     except ValueError as exc:   # pydantic ValidationError is a ValueError
         first = str(exc).splitlines()
         detail = " ".join(first[1:3]).strip() if len(first) > 1 else first[0]
-        raise ConfigError(f"bad parameters for stage {name}: {detail}") from None
-    return StageSpec(name, params, resources, fp, cls.modality)
+        raise ConfigError(f"bad parameters for stage {cls.name} ({where}): {detail}") from None
+    return StageSpec(cls.name, params, resources, fp, cls.modality, ref if ":" in ref else cls.name, cls)
 
 
-def build_stages(cfg: Config, num_cpus: int = 1) -> list[StageSpec]:
-    """Every stage of the processing pass, in order, parameters validated (fail before data moves).
-    Imports only the stage modules the config names (``get_stage``): a run that uses no torch
-    stage never imports torch."""
+COMMON_KEYS = set(StageConfig.model_fields)
+
+
+def _entries(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, StageConfig]]:
+    """The leaves of ``stages`` in order, as (dotted place, entry). A mapping is an entry when it
+    has a stage's keys or its place names a stage; otherwise it groups entries."""
+    out: list[tuple[str, StageConfig]] = []
+    for key, value in tree.items():
+        place = f"{prefix}{key}"
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad config value at 'stages.{place}': expected a mapping")
+        if COMMON_KEYS & value.keys() or "encoder" in value or _is_stage(place):
+            try:
+                out.append((place, StageConfig.model_validate(value)))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ConfigError(f"bad config value at 'stages.{place}.{where}': {err['msg']}") from None
+        elif value:
+            out += _entries(value, place + ".")
+        elif prefix:
+            raise ConfigError(f"unknown config key 'stages.{place}': no stage is registered as {place!r}")
+    return out
+
+
+def _is_stage(name: str) -> bool:
+    try:
+        resolve_stage(name, load_all=False)
+    except KeyError:
+        return False
+    return True
+
+
+def _with_default_dedup(stages: dict[str, Any]) -> dict[str, Any]:
+    """Dedup runs unless a config turns it off (``stages.dedup.enabled: false``), as it always has:
+    a config without a ``dedup`` entry gets it after its cleanup stages."""
+    if "dedup" in stages:
+        return stages
+    keys = list(stages)
+    at = keys.index("cleanup") + 1 if "cleanup" in keys else 0
+    return {**{k: stages[k] for k in keys[:at]}, "dedup": {}, **{k: stages[k] for k in keys[at:]}}
+
+
+def resolve_stages(cfg: Config, num_cpus: int = 1) -> list[StageSpec]:
+    """Every stage of the processing pass, in the config's order, resolved through the registry,
+    parameters validated and the column chain checked (fail before data moves). Imports only the
+    stage modules the config names: a run that uses no torch stage never imports torch."""
     ex = cfg.execution
     default = Resources(num_cpus=1, num_gpus=0, concurrency=ex.concurrency or max(1, num_cpus), batch_size=ex.batch_size)
-    specs = [_spec("ingest", {}, default)]
-
-    def add(name: str, sc: StageConfig | None) -> None:
-        sc = sc or StageConfig()
-        if sc.enabled:
-            specs.append(_spec(name, sc.params, sc.resources or default))
-
-    st = cfg.stages
-    for section in st.cleanup:
-        if section not in MODALITIES:
-            raise ConfigError(f"unknown config key 'stages.cleanup.{section}'")
-    for section in st.augment:
-        if section not in (*MODALITIES, "copies"):
-            raise ConfigError(f"unknown config key 'stages.augment.{section}'")
-    for m in ("text", "image", "audio"):
-        add(f"cleanup.{m}", st.cleanup.get(m))
-    add("dedup", st.dedup)
-    copies = st.augment.get("copies")
-    if copies is not None and copies.enabled and copies.params.get("copies", 0) > 0:
-        add("augment.copies", copies)
-        for m in MODALITIES:
-            if m in st.augment:
-                add(f"augment.{m}", st.augment[m])
-    for m, enc in st.features.items():
-        if m not in MODALITIES:
-            raise ConfigError(f"unknown config key 'stages.features.{m}'")
-        if not enc.enabled:
-            continue
-        from stages.features import plan_feature_stages
-
-        try:
-            planned = plan_feature_stages(m, enc.encoder, enc.params)
-        except KeyError as exc:
-            raise ConfigError(str(exc.args[0])) from None
-        for k, (name, params) in enumerate(planned):
-            last = k == len(planned) - 1
-            specs.append(_spec(name, params, (enc.resources or default) if last else default))
+    specs = [_spec(cfg.source.load_stage, {}, default, "source.load_stage")]
+    placed: list[tuple[StageSpec, StageConfig]] = []
+    for place, entry in _entries(_with_default_dedup(cfg.stages)):
+        if entry.enabled:
+            placed += _entry_specs(place, entry, default)
+    names = {spec.name for spec, _ in placed}
+    specs += _ordered([spec for spec, _ in _place(placed) if all(r in names for r in spec.cls.requires)])
+    check_columns(cfg, specs)
     return specs
+
+
+def _entry_specs(place: str, entry: StageConfig, default: Resources) -> list[tuple[StageSpec, StageConfig]]:
+    """The stages one config entry runs as (none when its parameters make it a no-op)."""
+    ref, where = entry.uses or place, f"stages.{place}"
+    try:
+        cls = resolve_stage(ref)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: {exc.args[0]}") from None
+    extra = entry.model_extra or {}
+    unknown = sorted(set(extra) - set(cls.config_keys))
+    if unknown:
+        raise ConfigError(f"unknown config key '{where}.{unknown[0]}'")
+    try:
+        params = cls.from_config(entry.params, **extra)
+        steps = cls.expand(params) if cls.active(params) else []
+    except KeyError as exc:
+        raise ConfigError(f"{where}: {exc.args[0]}") from None
+    except ValueError as exc:
+        lines = str(exc).splitlines()
+        raise ConfigError(f"bad parameters for stage {cls.name} ({where}): {' '.join(lines[1:3]).strip() or lines[0]}") from None
+    return [(_spec(ref if name == cls.name else name, step_params, (entry.resources or default) if own else default, where), entry)
+            for name, step_params, own in steps]
+
+
+def _place(placed: list[tuple[StageSpec, StageConfig]]) -> list[tuple[StageSpec, StageConfig]]:
+    """Honour ``after`` / ``before``: move those entries next to the stage they name."""
+    order = [p for p in placed if not (p[1].after or p[1].before)]
+    for item in [p for p in placed if p[1].after or p[1].before]:
+        anchor = item[1].after or item[1].before
+        at = [k for k, (spec, _) in enumerate(order) if spec.name == anchor or spec.name.startswith(anchor + ".")]
+        if not at:
+            raise ConfigError(f"stage {item[0].name}: no stage {anchor!r} to place it "
+                              f"{'after' if item[1].after else 'before'}")
+        order.insert(at[-1] + 1 if item[1].after else at[0], item)
+    return order
+
+
+def _ordered(specs: list[StageSpec]) -> list[StageSpec]:
+    """The config's order, except that a stage never runs before one its class ``runs_after``
+    names (a stable topological sort: the earliest entry whose predecessors have all run goes next)."""
+    def before(spec: StageSpec, other: StageSpec) -> bool:   # must ``other`` run before ``spec``?
+        return any(other.name == p or (p.endswith(".") and other.name.startswith(p)) for p in spec.cls.runs_after)
+
+    pending, out = list(specs), []
+    while pending:
+        ready = next((s for s in pending if not any(before(s, o) for o in pending if o is not s)), None)
+        if ready is None:
+            raise ConfigError(f"stages {', '.join(s.name for s in pending)} each need another to run first")
+        out.append(ready)
+        pending.remove(ready)
+    return out
+
+
+def scan_spec(cfg: Config) -> StageSpec:
+    """Pass 1's stage, with its parameters from the source section."""
+    params = {"roots": cfg.source.roots, "http": cfg.source.http.model_dump()}
+    return _spec(cfg.source.scan_stage, params, Resources(), "source.scan_stage")
+
+
+# What every row carries before any stage: the source record's fields and the planner's.
+PLANNER_COLUMNS = {"image_ref", "audio_ref", "sha_sample", "redo", "keep", "fp_all"}
+
+
+def check_columns(cfg: Config, specs: list[StageSpec]) -> None:
+    """Each stage reads only columns that the source, the scan or an earlier stage writes."""
+    from pipeline.sources import SourceRecord
+
+    have = set(SourceRecord.__dataclass_fields__) | PLANNER_COLUMNS | resolve_stage(cfg.source.scan_stage).columns("writes")
+    for spec in specs:
+        missing = spec.cls.columns("reads") - have
+        if missing:
+            raise ConfigError(f"stage {spec.name} reads column(s) {', '.join(sorted(missing))} that no stage "
+                              "before it writes; put it after the stage that does")
+        have |= spec.cls.columns("writes")
 
 
 def fingerprints(cfg: Config, specs: list[StageSpec]) -> dict[str, str]:
@@ -107,6 +210,21 @@ class Lineage:
     features: dict[str, dict[str, str]] = field(default_factory=dict)   # aug=0 rows
     rejects: dict[str, dict[str, str]] = field(default_factory=dict)
     keys: dict[str, list[int]] = field(default_factory=dict)            # id -> aug indices stored
+
+
+def read_lineage(store: Store) -> Lineage:
+    """What the store holds now, per id."""
+    lin = Lineage()
+    cols = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]
+    for batch in store.batches("features", cols):
+        for row in batch.to_pylist():
+            lin.keys.setdefault(row["id"], []).append(row["aug"])
+            if row["aug"] == 0:
+                lin.features[row["id"]] = row
+    for batch in store.batches("rejects", ["id", "reason", "detail", "sha_sample", "fp_all"]):
+        for row in batch.to_pylist():
+            lin.rejects[row["id"]] = row
+    return lin
 
 
 @dataclass
@@ -177,8 +295,8 @@ def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: C
     input_ids = [r["id"] for r in scanned]
     live = set(input_ids)
     removed = (set(lineage.features) | set(lineage.rejects)) - live
-    # A duplicate whose kept row changes or disappears must be looked at again.
-    redo_ids = {r["id"] for r in rows} | removed
+    # A duplicate whose kept row changes, is rejected now or disappears must be looked at again.
+    redo_ids = {r["id"] for r in rows} | {r["id"] for r in rejects} | removed
     for r in scanned:
         if r["id"] in unchanged:
             old = lineage.rejects.get(r["id"])

@@ -1,9 +1,11 @@
-"""``mmpipe predict``: raw records through the same cleanup and feature stages a model was trained
-on (refusing if their fingerprints differ), then the model. Writes nothing to the store."""
+"""``mmpipe predict``'s pipeline half: raw records through the same cleanup and feature stages a model
+was trained on (refusing if their fingerprints differ). The CLI hands the features to the model.
+Writes nothing to the store."""
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +13,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import Config, ConfigError
-from pipeline.execution import cluster_facts, ensure_ray, process, runs_locally
-from pipeline.plan import Lineage, build_stages, fingerprints, make_plan
-from pipeline.runner import new_run_id, scan
-from pipeline.schema import normalize_batch
+from core.config import Config, ConfigError
+from core.schema import normalize_batch, reject_record
+from pipeline.orchestration import Pipeline
+from pipeline.plan import Lineage
+from pipeline.runner import new_run_id
+from pipeline.sinks import BatchRow
 from pipeline.sources import read_source
-from stages.base import MODALITIES, StageContext
-
-# What prediction runs: no dedup (every record gets an answer) and no augmentation.
-SKIPPED = ("dedup", "augment.")
+from stages.base import MODALITIES
 
 
 def check_fingerprints(model_fps: dict[str, str], specs, modalities: list[str]) -> None:
@@ -36,45 +36,50 @@ def check_fingerprints(model_fps: dict[str, str], specs, modalities: list[str]) 
             raise ConfigError(f"stage {name} was part of training but is not enabled in this config")
 
 
-def predict_records(cfg: Config, model_dir: Path, out: Path) -> str:
-    from training.predict import load_model
+@dataclass
+class Featurized:
+    """Raw records through the inference stages: the features of the accepted ones, the rejects."""
 
-    metrics_path = Path(model_dir) / "metrics.json"
-    if not metrics_path.is_file():
-        raise ConfigError(f"no trained model at {model_dir} (metrics.json missing)")
-    metrics = json.loads(metrics_path.read_text())
-    loaded = load_model(model_dir)
-    specs = [s for s in build_stages(cfg) if not s.name.startswith(SKIPPED)]
-    check_fingerprints(metrics.get("stage_fingerprints", {}), specs, loaded.spec.modalities)
+    table: pa.Table | None
+    rejects: list[dict]
+    n_records: int
+
+
+def featurize(cfg: Config, model_fps: dict[str, str], modalities: list[str]) -> Featurized:
+    """``cfg.source`` through the same cleanup and feature stages a model was trained with (a run
+    without dedup, augmentation or commit), refusing when their fingerprints differ."""
+    pipe = Pipeline.build(cfg, new_run_id(), include=lambda stage: stage.inference)
+    check_fingerprints(model_fps, pipe.specs, modalities)
     records = read_source(cfg.source)
-    info = cluster_facts(cfg)
-    specs = [s for s in build_stages(cfg, info["num_cpus"]) if not s.name.startswith(SKIPPED)]
-    fps = fingerprints(cfg, specs)
-    context = StageContext(run_id=new_run_id(), seed=cfg.seed, bad_modality=cfg.bad_modality)
-    scanned, _ = scan(records, cfg, context, info["num_cpus"], on_cluster=info["remote"])
-    plan = make_plan(scanned, Lineage(), fps, cfg, dedup=False)
-    rejects = [{"id": r["id"], "stage": r["reject_stage"], "reason": r["reject_reason"], "detail": r["reject_detail"]}
-               for r in plan.rejects]
-    parts = []
-    local = runs_locally(plan.rows, specs, cfg)
-    if plan.rows and not local:
-        info = ensure_ray(cfg, info, lambda _: None)
-    if plan.rows:
-        for batch in process(plan.rows, specs, context, cfg, info["num_cpus"], local):
+    rejects, parts = [], []
+    with pipe:
+        scanned, _ = pipe.scan_records(records)
+        plan = pipe.plan(scanned, Lineage(), dedup=False)
+        rejects = [_reject(r) for r in plan.rejects]
+        for batch in pipe.process(plan):
             batch = normalize_batch(batch)
             ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
-            rejects += [{"id": batch["id"][i], "stage": batch["reject_stage"][i], "reason": batch["reject_reason"][i],
-                         "detail": batch["reject_detail"][i]} for i in np.flatnonzero(~ok)]
+            rejects += [_reject(BatchRow(batch, i)) for i in np.flatnonzero(~ok)]
             if ok.any():
                 parts.append(_features(batch, ok))
-    table = pa.concat_tables(parts) if parts else None
-    preds = None if table is None else _predict(loaded, table)
+    return Featurized(pa.concat_tables(parts) if parts else None, rejects, len(records))
+
+
+def _reject(row) -> dict:
+    record = reject_record(row, "")
+    return {k: record[k] for k in ("id", "stage", "reason", "detail")}
+
+
+def write_predictions(preds: pa.Table | None, rejects: list[dict], out: Path) -> None:
+    """Predictions to ``out`` (.csv, .jsonl or .parquet); rejects beside it (``.rejects.jsonl``)."""
     _write(preds, out)
     if rejects:
-        rej_path = out.with_name(out.stem + ".rejects.jsonl")
-        rej_path.write_text("".join(json.dumps(r) + "\n" for r in rejects))
+        out.with_name(out.stem + ".rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+
+
+def summary(n_predicted: int, n_records: int, rejects: list[dict], out: Path) -> str:
     by_reason = Counter(r["reason"] for r in rejects)
-    return (f"predicted {0 if preds is None else preds.num_rows} of {len(records)} records -> {out}"
+    return (f"predicted {n_predicted} of {n_records} records -> {out}"
             + (f"\nrejected {len(rejects)}: " + ", ".join(f"{k}={v}" for k, v in sorted(by_reason.items())) if rejects else ""))
 
 
@@ -88,13 +93,6 @@ def _features(batch: dict, ok: np.ndarray) -> pa.Table:
         emb = np.zeros((int(ok.sum()), 0), np.float32) if emb is None else np.asarray(np.stack(list(emb[ok])), np.float32)
         cols[f"{m}_emb"] = pa.array(list(emb), pa.list_(pa.float32()))
     return pa.table(cols)
-
-
-def _predict(loaded, table: pa.Table) -> pa.Table:
-    from training.predict import predict_table
-
-    preds = predict_table(loaded, table)
-    return preds.append_column("label", table["label"])
 
 
 def _write(preds: pa.Table | None, out: Path) -> None:

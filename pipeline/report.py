@@ -6,7 +6,7 @@ import time
 
 import pyarrow.compute as pc
 
-from pipeline.store import Store
+from core.store import Store
 
 
 def _table(headers: list[str], rows: list[list]) -> str:

@@ -13,6 +13,7 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch
-from pipeline.store import Store
-from stages.base import MODALITIES, Batch, num_rows
+from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch, reject_record
+from core.store import Store
+from stages.base import MODALITIES, STATS_COLUMN, Batch, StageStats, decode_stats, num_rows
 from stages.media import image_format
 
 ROW_GROUP_ROWS = 4096   # staged feature rows per Parquet row group
@@ -164,7 +165,7 @@ def drop_media(batch: Batch) -> Batch:
 class SinkResult:
     rejects: list[dict] = field(default_factory=list)
     aug_rejected: int = 0
-    stage_stats: dict[str, list[float]] = field(default_factory=dict)   # stage -> [rows_in, seconds]
+    stage_stats: dict[str, StageStats] = field(default_factory=dict)   # stage -> the sum of its block records
     staged: list[Path] = field(default_factory=list)
     dims: dict[str, int] = field(default_factory=dict)
     samples_written: int = 0
@@ -201,20 +202,15 @@ class RunSink:
             self.result.samples_written += len(accepted)   # each in a shard: the actor's or the driver's
 
     def _collect_stats(self, batch: Batch) -> None:
-        for col in [c for c in batch if c.startswith("_stats")]:
-            for blob in batch[col]:
-                if blob:
-                    for stage, (rows, secs) in json.loads(blob).items():
-                        acc = self.result.stage_stats.setdefault(stage, [0, 0.0])
-                        acc[0] += rows
-                        acc[1] += secs
+        for cell in batch.get(STATS_COLUMN, ()):
+            for record in decode_stats(cell):
+                self.add_stats(record)
+
+    def add_stats(self, record: StageStats) -> None:
+        self.result.stage_stats.setdefault(record.stage, StageStats(record.stage)).add(record)
 
     def _reject_row(self, batch: Batch, i: int) -> dict:
-        refs = {m: str(batch[f"{m}_ref"][i] or "") for m in ("image", "audio") if f"{m}_ref" in batch}
-        return {"id": batch["id"][i], "stage": batch["reject_stage"][i], "reason": batch["reject_reason"][i],
-                "detail": batch["reject_detail"][i], "run_id": self.run_id,
-                "sha_sample": batch["sha_sample"][i], "fp_all": self.fps["all"],
-                "ref": json.dumps({k: v for k, v in refs.items() if v})}
+        return reject_record(BatchRow(batch, i), self.run_id, self.fps["all"])
 
     def _stage_features(self, batch: Batch, rows: list[int]) -> None:
         cols: dict[str, list] = {f.name: [] for f in self._schema}
@@ -275,6 +271,22 @@ class RunSink:
         if self._writer is not None:
             self._writer.close()
         return self.result
+
+
+class BatchRow(Mapping):
+    """Row ``i`` of a batch, read as a mapping (what ``reject_record`` takes)."""
+
+    def __init__(self, batch: Batch, i: int):
+        self.batch, self.i = batch, i
+
+    def __getitem__(self, key: str):
+        return self.batch[key][self.i]
+
+    def __iter__(self):
+        return iter(self.batch)
+
+    def __len__(self) -> int:
+        return len(self.batch)
 
 
 def rejects_table(rows: list[dict]) -> pa.Table:

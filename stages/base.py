@@ -11,7 +11,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 MODALITIES: tuple[str, ...] = ("image", "text", "audio")
 Batch = dict[str, np.ndarray]
 
-# Columns every batch carries (see pipeline/schema.py for the full row layout).
+# Columns every batch carries (see core/schema.py for the full row layout).
 REJECT_STAGE, REJECT_REASON, REJECT_DETAIL = "reject_stage", "reject_reason", "reject_detail"
 REDO = "redo"          # comma-separated modalities this run (re)computes for the row
 META = "meta"          # JSON object per row: what stages measured (sizes, durations, ...)
@@ -55,13 +55,51 @@ class StageContext(BaseModel):
 
 @dataclass
 class StageStats:
-    """Per-actor counters; the runner sums them over actors (datatrove's stat_update, simplified)."""
+    """What one stage did to one block: the only stats record. The actors send it to the driver
+    with the block (``STATS_COLUMN``) and to Prometheus (``pipeline.metrics``); the run record's
+    stage table is their sum (datatrove's stat_update, one record per block)."""
 
+    stage: str
     rows_in: int = 0
     rows_out: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     bytes_in: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "StageStats") -> None:
+        self.rows_in += other.rows_in
+        self.rows_out += other.rows_out
+        self.seconds += other.seconds
+        self.bytes_in += other.bytes_in
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+    def count_reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+STATS_COLUMN = "_stats"   # per block, on its first row: the blocks' StageStats records, JSON
+
+
+def encode_stats(records: list[StageStats]) -> str:
+    return json.dumps([vars(r) for r in records])
+
+
+def decode_stats(cell: str) -> list[StageStats]:
+    return [StageStats(**d) for d in json.loads(cell)] if cell else []
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """What a stage's run hooks see (``Stage.start_run`` / ``open_run`` / ``close_run``)."""
+
+    run_id: str
+    params: "StageParams"
+    local: bool = True                  # the stages run in this process (no Ray actors)
+    cache_dir: str = ""                 # a local folder kept between runs of one store ("" = none)
+    # The stored original rows (aug 0) as Arrow record batches, for the given columns; None: no store.
+    stored: Callable[[list[str]], Iterable[Any]] | None = None
+    removed: frozenset[str] = frozenset()   # stored ids this run removes from the store
 
 
 def fingerprint_of(name: str, version: int, params: dict[str, Any]) -> str:
@@ -71,33 +109,95 @@ def fingerprint_of(name: str, version: int, params: dict[str, Any]) -> str:
 
 class Stage:
     """One step of the pipeline. Subclasses set ``name``, ``version``, ``modality`` and ``Params``,
-    load what they need once in ``__init__`` and fill in ``process``."""
+    declare the columns they read and write and the reasons they reject with, load what they need
+    once in ``__init__`` and fill in ``process``. Run-wide state (an index, a cache) is opened and
+    closed by the class's run hooks, once per run, around every block it sees."""
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     modality: ClassVar[str | None] = None    # whose lineage this stage affects; None = every modality
     Params: ClassVar[type[StageParams]] = StageParams
-    reasons: ClassVar[dict[str, str]] = {}   # reject reason code -> what triggers it (for docs/reports)
+    # Declared columns ("{modality}" stands for the stage's modality); the plan checks the chain.
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    reasons: ClassVar[dict[str, str]] = {}   # reject reason code -> what triggers it (docs, reports)
     whole_block: ClassVar[bool] = False      # True: called once per Ray Data block, not per batch_size rows
+    phase: ClassVar[str] = "process"         # "scan": pass 1, before the plan (no media bytes)
+    inference: ClassVar[bool] = True         # runs when predicting too (not dedup, not augmentation)
+    requires: ClassVar[tuple[str, ...]] = ()  # stages this one is useless without: left out when they are
+    # Stages (names or "prefix.") that must run before this one wherever the config lists them:
+    # features after augmentation after dedup after cleanup, as the stages' meaning demands.
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    config_keys: ClassVar[tuple[str, ...]] = ()   # keys of its config entry besides the common ones
 
     def __init__(self, params: StageParams | dict | None = None, context: StageContext | None = None):
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
         self.context = context or StageContext()
-        self.stats = StageStats()
+        self.stats = StageStats(self.name)
 
+    # -- declarations -----------------------------------------------------------------------
     @classmethod
     def fingerprint(cls, params: StageParams | dict | None = None) -> str:
         p = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
         return fingerprint_of(cls.name, cls.version, p.model_dump(mode="json"))
 
+    @classmethod
+    def reject_reasons(cls) -> dict[str, str]:
+        """Every reason the stage can reject with (its own and its role base's), modality filled in."""
+        out: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for code, what in vars(klass).get("reasons", {}).items():
+                out[code.format(modality=cls.modality)] = what.format(modality=cls.modality)
+        return out
+
+    @classmethod
+    def columns(cls, which: str) -> set[str]:
+        """The declared ``reads`` or ``writes``, with the modality filled in."""
+        return {c.format(modality=cls.modality) for c in getattr(cls, which)}
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], **keys: Any) -> dict[str, Any]:
+        """The stage's parameters from its config entry (``params`` plus its ``config_keys``)."""
+        return params
+
+    @classmethod
+    def active(cls, params: dict[str, Any]) -> bool:
+        """False when these parameters make the stage a no-op (it is then left out of the plan)."""
+        return True
+
+    @classmethod
+    def expand(cls, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+        """The stages this entry runs as: (name, params, takes the entry's resources). Most run as
+        themselves; a pretrained encoder runs as a CPU preprocessing stage and its model stage."""
+        return [(cls.name, params, True)]
+
+    # -- run hooks (class methods: one call per run, in the driver) -------------------------
+    @classmethod
+    def start_run(cls, scope: RunScope) -> None:
+        """Before the scan, when the pass will run in Ray actors: start slow set-up early."""
+
+    @classmethod
+    def open_run(cls, scope: RunScope) -> None:
+        """Before the first row reaches the stage."""
+
+    @classmethod
+    def close_run(cls, scope: RunScope, failed: bool) -> None:
+        """After the last row, whatever happened (``failed``: the run is being abandoned)."""
+
+    # -- rows -------------------------------------------------------------------------------
     def __call__(self, batch: Batch) -> Batch:
         start = time.perf_counter()
-        n_in = len(next(iter(batch.values()))) if batch else 0
+        n_in = num_rows(batch)
         out = self.process(batch)
         self.stats.rows_in += n_in
-        self.stats.rows_out += len(next(iter(out.values()))) if out else 0
+        self.stats.rows_out += num_rows(out)
         self.stats.seconds += time.perf_counter() - start
         return out
+
+    def take_stats(self) -> StageStats:
+        """The record of what the stage did since the last call, and a fresh one."""
+        record, self.stats = self.stats, StageStats(self.name)
+        return record
 
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
@@ -107,7 +207,7 @@ class Stage:
         batch[REJECT_STAGE][i] = self.name
         batch[REJECT_REASON][i] = reason
         batch[REJECT_DETAIL][i] = detail[:500]
-        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        self.stats.count_reject(reason)
 
 
 def num_rows(batch: Batch) -> int:
@@ -177,6 +277,11 @@ class ModalityCleaner(Stage):
     ``dropped``; the row is rejected (``no_modality``) only when nothing is left.
     """
 
+    reads = ("{modality}",)
+    writes = ("{modality}", META, DROPPED)
+    reasons = {"{modality}_error": "the {modality} decoder failed unexpectedly (a bug or an exotic file)",
+               "no_modality": "under drop_modality: every modality of the row was dropped"}
+
     def clean(self, value: Any) -> Cleaned:
         raise NotImplementedError
 
@@ -208,7 +313,7 @@ class ModalityCleaner(Stage):
         dropped = json.loads(batch[DROPPED][i] or "{}")
         dropped[m] = reason
         batch[DROPPED][i] = json.dumps(dropped, sort_keys=True)
-        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        self.stats.count_reject(reason)
         if all(batch[other][i] is None for other in MODALITIES):
             self.reject(batch, i, "no_modality", f"every modality dropped: {dropped}")
 

@@ -36,7 +36,7 @@ from datasketch import MinHash, MinHashLSH
 from PIL import Image
 from pydantic import Field
 
-from stages.base import MODALITIES, REDO, Batch, Stage, StageParams, live_rows, num_rows, object_column
+from stages.base import MODALITIES, REDO, Batch, RunScope, Stage, StageParams, live_rows, num_rows, object_column
 from stages.media import decode_image
 from stages.registry import register_stage
 
@@ -386,6 +386,18 @@ def create_index(name: str, params: dict, existing: list[tuple[str, str]], local
     return _ACTORS[name]
 
 
+def stored_signatures(scope: RunScope) -> list[tuple[str, str]]:
+    """(id, dedup_sig) of the stored originals that stay in the store."""
+    if scope.stored is None:
+        return []
+    out = []
+    for batch in scope.stored(["id", SIG]):
+        for row_id, sig in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if sig and row_id not in scope.removed:
+                out.append((row_id, sig))
+    return out
+
+
 def close_index(name: str) -> None:
     """Drop the named index (call after the run)."""
     _LOCAL.pop(name, None)
@@ -421,10 +433,36 @@ class Dedup(Stage):
     modality = None
     Params = DedupParams
     whole_block = True   # one round trip to the run's index actor per block, not per stage batch
+    inference = False    # every record to predict gets an answer
+    runs_after = ("cleanup.",)   # signatures of the cleaned content
+    reads = ("id", "image", "text", "audio", REDO, AUG)
+    writes = (SIG,)
+    reasons = {"duplicate": "an exact or near duplicate of a row kept earlier, in the store or this run "
+                            "(detail: the kept id)",
+               "dedup_error": "the cleaned image could not be decoded for its perceptual hash"}
 
     def __init__(self, params: DedupParams | dict | None = None, context=None):
         super().__init__(params, context)
         self._check = open_index(index_name(self.context.run_id), self.params)
+
+    @classmethod
+    def start_run(cls, scope: RunScope) -> None:
+        """The pass will use actors: start the index actor now, its worker's start-up (~1.5 CPU-s)
+        overlapping the driver's scan; ``open_run`` seeds it."""
+        start_index(index_name(scope.run_id), scope.params.model_dump())
+
+    @classmethod
+    def open_run(cls, scope: RunScope) -> None:
+        name = index_name(scope.run_id)
+        existing = stored_signatures(scope)
+        if name in _ACTORS and not scope.local:
+            seed_index(name, existing)
+        else:
+            create_index(name, scope.params.model_dump(), existing, local=scope.local)
+
+    @classmethod
+    def close_run(cls, scope: RunScope, failed: bool) -> None:
+        close_index(index_name(scope.run_id))
 
     def process(self, batch: Batch) -> Batch:
         n = num_rows(batch)

@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pipeline.config import HttpConfig
-from stages.base import MODALITIES, Batch, Reject, Stage, StageParams, num_rows, object_column
+from stages.base import MODALITIES, Batch, Reject, RunScope, Stage, StageParams, num_rows, object_column
+from stages.fetch import FETCH_REASONS, HttpConfig
 from stages.registry import register_stage
 
 MEDIA_REFS = ("image", "audio")
@@ -74,6 +74,52 @@ class ScanParams(StageParams):
     http: HttpConfig = HttpConfig()
 
 
+class HashCache:
+    """The scan's content hashes of local files by stat key, kept between runs of one store in
+    ``hashes.parquet`` under its cache folder; only the entries a scan used are saved again, so
+    it does not grow forever. Safe to lose."""
+
+    FILE = "hashes.parquet"
+    KEY = ("path", "size", "mtime_ns", "ctime_ns", "inode")
+
+    def __init__(self, known: dict[tuple, str] | None = None):
+        self.known: dict[tuple, str] = known or {}
+        self.used: dict[tuple, str] = {}
+
+    @classmethod
+    def load(cls, folder: str) -> "HashCache":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(folder) / cls.FILE
+        if not folder or not path.is_file():
+            return cls()
+        try:
+            t = pq.read_table(path).to_pydict()
+        except (OSError, pa.ArrowInvalid):
+            return cls()
+        return cls(dict(zip(zip(*(t[k] for k in cls.KEY)), t["sha"])))
+
+    def save(self, folder: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not folder or not self.used:   # nothing scanned here (a cluster scans in its actors)
+            return
+        cols = list(zip(*self.used.keys())) if self.used else [[] for _ in self.KEY]
+        types = [pa.string()] + [pa.int64()] * (len(self.KEY) - 1)
+        table = pa.table({k: pa.array(c, t) for k, c, t in zip(self.KEY, cols, types)}
+                         | {"sha": pa.array(list(self.used.values()), pa.string())})
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / self.FILE
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+
+_HASH_CACHES: dict[str, HashCache] = {}   # run id -> the run's cache, in the process that scans
+
+
 # What the scan hands the planner per record (no media bytes).
 SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
                 "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
@@ -86,20 +132,37 @@ class IngestScan(Stage):
 
     name = "ingest.scan"
     Params = ScanParams
+    phase = "scan"
+    reads = ("text", "image", "audio", "base")
+    writes = SCAN_COLUMNS
+    reasons = {"empty_record": "the record has no image, text or audio",
+               "missing_file": "a referenced file (or tar member) does not exist or cannot be read",
+               "path_outside_root": "a path resolves outside the manifest's folder and source.roots",
+               **FETCH_REASONS}
 
-    def __init__(self, params=None, context=None, hash_cache: dict | None = None):
+    def __init__(self, params=None, context=None):
         super().__init__(params, context)
         self._fetcher = None
         # (path, size, mtime_ns, ctime_ns, inode) -> content hash, like git's index: an unchanged
-        # file is not read again. The runner loads and saves it next to the store.
-        self.hash_cache: dict[tuple, str] = hash_cache if hash_cache is not None else {}
-        self.hash_used: dict[tuple, str] = {}   # the entries this scan needed: what is worth keeping
+        # file is not read again. The run hooks load and save it in the store's cache folder.
+        cache = _HASH_CACHES.get(self.context.run_id) or HashCache()
+        self.hash_cache, self.hash_used = cache.known, cache.used
         self.real_dirs: dict[str, str] = {}     # folder -> its real path, for this scan only
+
+    @classmethod
+    def open_run(cls, scope: RunScope) -> None:
+        _HASH_CACHES[scope.run_id] = HashCache.load(scope.cache_dir)
+
+    @classmethod
+    def close_run(cls, scope: RunScope, failed: bool) -> None:
+        cache = _HASH_CACHES.pop(scope.run_id, None)
+        if cache is not None and not failed:
+            cache.save(scope.cache_dir)
 
     @property
     def fetcher(self):
         if self._fetcher is None:
-            from pipeline.fetch import Fetcher
+            from stages.fetch import Fetcher
 
             self._fetcher = Fetcher(self.params.http)
         return self._fetcher
@@ -201,6 +264,15 @@ class IngestLoad(Stage):
     """Pass 2: load the bytes the scan resolved, and lay out the columns later stages expect."""
 
     name = "ingest"
+    reads = ("image_loc", "audio_loc", "sha_image", "sha_audio", "text")
+    writes = ("image", "text", "audio", "aug", "meta", "dropped", "aug_params", "dedup_sig",
+              "reject_stage", "reject_reason", "reject_detail")
+    reasons = {"missing_file": "a file scanned in pass 1 was gone when the processing pass read it",
+               "changed_during_run": "a file's content changed between the scan and the processing pass",
+               # decided by the planner, recorded under this stage:
+               "duplicate": "the whole sample repeats an earlier input (detail: the kept id)",
+               "duplicate_id": "the id repeats an earlier input's with other content",
+               "bad_split": "the split is not train, val or test"}
 
     def process(self, batch: Batch) -> Batch:
         n = num_rows(batch)

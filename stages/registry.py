@@ -18,7 +18,7 @@ def register_stage(cls: T) -> T:
     return cls
 
 
-def get_stage(name: str) -> type[Stage]:
+def get_stage(name: str, load_all: bool = True) -> type[Stage]:
     """The stage class registered as ``name``. Imports only its module (``cleanup.image`` ->
     ``stages.cleanup.image``, else the nearest package) so actors do not load every model library."""
     import importlib
@@ -32,12 +32,49 @@ def get_stage(name: str) -> type[Stage]:
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("stages"):
                 raise
-    if name not in STAGES:
+    if name not in STAGES and not _load_entry_point(name) and load_all:
         load_builtin()
     try:
         return STAGES[name]
     except KeyError:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}") from None
+
+
+ENTRY_POINT_GROUP = "mmpipe.stages"
+
+
+def _load_entry_point(name: str) -> bool:
+    """A stage another installed package declares under the ``mmpipe.stages`` entry point group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            STAGES[name] = _check(ep.load(), ep.value)
+            return True
+    return False
+
+
+def resolve_stage(ref: str, load_all: bool = True) -> type[Stage]:
+    """A stage by registered name (built-in or entry point), or by import path ``package.module:Class``
+    (a stage from the user's own package; it must be importable wherever the stages run)."""
+    if ":" not in ref:
+        return get_stage(ref, load_all)
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise KeyError(f"cannot import stage {ref!r}: {exc}") from None
+    return _check(cls, ref)
+
+
+def _check(cls: object, ref: str) -> type[Stage]:
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise KeyError(f"{ref!r} is not a stage class (a subclass of stages.base.Stage)")
+    if not cls.name:
+        raise KeyError(f"stage class {ref!r} has no name")
+    return cls
 
 
 _loaded = False

@@ -4,22 +4,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import Config
-from stages.base import MODALITIES
-from training.fusion import FUSIONS
-from training.train import default_name, train
+from core.config import Config
+from training.fusion import FUSIONS, check_fusion
+from training.train import check_features, checked_modalities, default_name, train
 
 
-def _present_modalities(cfg: Config) -> list[str]:
-    return [m for m in MODALITIES if m in cfg.training.modalities]
+def comparison_runs(cfg: Config, store: str, fusions: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The (fusion, modalities) pairs ``compare`` trains, checked before any of them starts: an
+    unknown fusion or modality, or a store without features, is a ``ConfigError``."""
+    fusions = [check_fusion(f) for f in (fusions or sorted(FUSIONS))]
+    modalities = checked_modalities(cfg.training.modalities)
+    check_features(store, cfg.training.features_version)
+    runs = [(f, modalities) for f in fusions]
+    return runs + ([("concat", [m]) for m in modalities] if len(modalities) > 1 else [])
 
 
 def compare(cfg: Config, store: str, fusions: list[str] | None = None) -> Path:
     """Train every fusion on all configured modalities and ``concat`` on each single modality;
     write ``<store>/models/compare.md`` (model, modalities, accuracy, macro-F1) and compare.json."""
-    modalities = _present_modalities(cfg)
-    runs = [(f, modalities) for f in (fusions or sorted(FUSIONS))]
-    runs += [("concat", [m]) for m in modalities] if len(modalities) > 1 else []
+    runs = comparison_runs(cfg, store, fusions)
     rows = []
     for fusion, mods in runs:
         name = f"compare-{default_name(fusion, mods)}"

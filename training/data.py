@@ -14,10 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from core.config import ConfigError
+from core.store import Store
 from stages.base import MODALITIES
 
 Arrays = dict[str, np.ndarray]
 LABEL = "label_idx"
+
+
+class FeaturesNotFound(ConfigError, FileNotFoundError):
+    """The store has no features table (yet): a user error, printed by the CLI as one line."""
 
 
 def features_path(store: str | Path) -> str:
@@ -25,14 +31,13 @@ def features_path(store: str | Path) -> str:
 
 
 def read_features(store: str | Path, version: int | None = None) -> pa.Table:
-    """The features Delta table at ``<store>/features`` (optionally an older ``version``)."""
-    from deltalake import DeltaTable
-
-    path = features_path(store)
-    if not str(path).startswith(("s3://", "gs://", "az://", "abfs://")) and not Path(path).exists():
-        raise FileNotFoundError(f"no features table at {path}; run `mmpipe run` first")
-    dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
-    return dt.to_pyarrow_table()
+    """The features Delta table at ``<store>/features`` (optionally an older ``version``), read
+    through the store API so an object-store URI gets its endpoint and credentials."""
+    st = Store(str(store))
+    dataset = st.dataset("features", version)
+    if dataset is None:
+        raise FeaturesNotFound(f"no features table at {st.features_uri}; run `mmpipe run` first")
+    return dataset.to_table()
 
 
 def check_modalities(modalities: list[str] | tuple[str, ...]) -> list[str]:

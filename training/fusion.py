@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core.config import ConfigError
 from stages.registry import registry
 
 FUSIONS, register_fusion = registry("fusion")
@@ -188,10 +189,21 @@ class TransformerFusion(FusionModel):
         return self.head(self.encoder(tokens, src_key_padding_mask=pad)[:, 0])
 
 
+def _unknown(name: str) -> str:
+    return f"unknown fusion {name!r}; known: {', '.join(sorted(FUSIONS))}"
+
+
+def check_fusion(name: str) -> str:
+    """``name`` when it is a registered fusion; a user error (``ConfigError``) otherwise."""
+    if name not in FUSIONS:
+        raise ConfigError(_unknown(name))
+    return name
+
+
 def build_fusion(name: str, dims: dict[str, int], n_classes: int, **kwargs) -> FusionModel:
     """Build a registered fusion model by name (kwargs: hidden, dropout, modality_dropout, extras)."""
     try:
         cls = FUSIONS[name]
     except KeyError:
-        raise KeyError(f"unknown fusion {name!r}; known: {', '.join(sorted(FUSIONS))}") from None
+        raise KeyError(_unknown(name)) from None
     return cls(dims, n_classes, **kwargs)

@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
-from pipeline.config import TrainingConfig
+from core.config import TrainingConfig
 from training.data import LABEL, Arrays, TrainingData, iterate, model_inputs, n_rows, to_tensors
 from training.fusion import FusionModel, build_fusion
 

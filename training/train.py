@@ -20,10 +20,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.config import Config, TrainingConfig
+from core.config import Config, ConfigError, TrainingConfig
 from training.data import LABEL, TrainingData, check_modalities, load_training_data, n_rows, train_dataset
 from training.evaluate import (classification_metrics, plot_confusion, plot_curves, plot_modality_weights,
                                write_metrics)
+from training.fusion import check_fusion
 from training.loop import (ModelSpec, TorchCollective, TrainState, class_weights, fit_local, model_spec,
                            predict_proba, run_epoch, seed_everything)
 
@@ -201,10 +202,36 @@ def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, da
 
 def _stage_fingerprints(store: str) -> dict[str, str]:
     """The stage fingerprints of the run that last wrote the features (``predict`` checks them)."""
-    from pipeline.store import Store
+    from core.store import Store
 
     runs = [r for r in Store(store).runs() if r.get("fingerprints")]
     return runs[-1]["fingerprints"] if runs else {}
+
+
+def checked_modalities(modalities: list[str]) -> list[str]:
+    """Known modalities in canonical order; an unknown or empty choice is a user error."""
+    try:
+        return check_modalities(modalities)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_features(store: str, version: int | None = None) -> None:
+    """A user error (``ConfigError``) unless the store has a features table (at ``version``)."""
+    from core.store import Store
+
+    st = Store(store)
+    if st.dataset("features", version) is None:   # a version it never had raises ConfigError
+        raise ConfigError(f"no features table at {st.features_uri}; run `mmpipe run` first")
+
+
+def check_request(store: str, fusion: str, modalities: list[str], version: int | None = None) -> list[str]:
+    """What the user asked for, checked before any data is read or Ray starts (``ConfigError``);
+    returns the modalities in canonical order."""
+    check_fusion(fusion)
+    modalities = checked_modalities(modalities)
+    check_features(store, version)
+    return modalities
 
 
 def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: list[str] | None = None,
@@ -212,7 +239,7 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
     """Train one fusion model on ``<store>/features`` and write ``<store>/models/<name>/``."""
     tc = cfg.training
     fusion = fusion or tc.fusion
-    modalities = check_modalities(modalities or tc.modalities)
+    modalities = check_request(store, fusion, modalities or tc.modalities, tc.features_version)
     name = name or tc.name or default_name(fusion, modalities)
     data = load_training_data(store, modalities, use_augmented=tc.use_augmented, version=tc.features_version)
     spec = model_spec(data, tc, fusion)

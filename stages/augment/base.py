@@ -84,6 +84,12 @@ class ModalityAugmenter(Stage):
     """
 
     OPS: ClassVar[dict[str, Op]] = {}
+    inference = False
+    requires = ("augment.copies",)   # only copies are augmented
+    runs_after = ("cleanup.", "dedup", "augment.copies")
+    reads = ("{modality}", AUG, AUG_PARAMS)
+    writes = ("{modality}", AUG_PARAMS)
+    reasons = {"augment_failed": "an augmentation op failed on a copy (the copy is dropped, not the original)"}
 
     @classmethod
     def decode(cls, data: Any, params: Any) -> Any:

@@ -19,8 +19,17 @@ class AugmentCopies(Stage):
     version = 1
     modality = None
 
+    inference = False
+    runs_after = ("cleanup.", "dedup")   # copies of cleaned, deduplicated originals
+    reads = ("split", "aug")
+    writes = ("aug",)
+
     class Params(StageParams):
         copies: int = Field(0, ge=0)
+
+    @classmethod
+    def active(cls, params: dict) -> bool:
+        return cls.Params.model_validate(params).copies > 0
 
     def process(self, batch: Batch) -> Batch:
         k = self.params.copies

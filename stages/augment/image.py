@@ -4,7 +4,7 @@ Values are CxHxW uint8 tensors on the stage's device (CUDA when available under 
 every op keeps the image's size, so shapes and dtype never change.
 
 torch and torchvision are imported on first use, not with this module: they take ~3 s to import,
-which a driver that only validates this stage's parameters (``build_stages``) should not pay.
+which a driver that only validates this stage's parameters (``resolve_stages``) should not pay.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ class _TextTools(NamedTuple):
 @cache
 def _tools() -> _TextTools:
     """Made on first use: NLTK and scikit-learn take ~1.5 s to import, which a driver that only
-    validates this stage's parameters (``build_stages``) should not pay."""
+    validates this stage's parameters (``resolve_stages``) should not pay."""
     from nltk.tokenize.treebank import TreebankWordDetokenizer
 
     return _TextTools(tokenizer("tweet"), TreebankWordDetokenizer().detokenize, stop_words("english"))

@@ -1,8 +1,8 @@
 """Feature extraction: per-modality encoder registries and the ``features.<m>`` stages.
 
-The runner asks ``plan_feature_stages`` which stages to run for a configured encoder (one stage for
-weight-free encoders; a CPU ``.prep`` stage then the model stage for pretrained ones, so that
-preprocessing overlaps inference on separate actor pools) and ``feature_dim`` for the stored width.
+``plan_feature_stages`` says which stages a configured encoder runs as (``FeatureStage.expand``: one
+stage for weight-free encoders; a CPU ``.prep`` stage then the model stage for pretrained ones, so
+that preprocessing overlaps inference on separate actor pools); ``feature_dim`` the stored width.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ __all__ = ["ENCODERS", "Encoder", "EncoderParams", "MissingWeights", "feature_di
 def plan_feature_stages(modality: str, encoder: str, options: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """The ordered (stage name, params) to run for this encoder (each stage's ``fingerprint``
     validates the options and checks the model files)."""
-    cls = get_encoder(modality, encoder)
-    params = {"encoder": encoder, "options": dict(options or {})}
-    stage = f"features.{modality}"
-    return [(f"{stage}.prep", params), (stage, params)] if cls.pretrained else [(stage, params)]
+    from stages.registry import get_stage
+
+    stage = get_stage(f"features.{modality}")
+    return [(name, params) for name, params, _ in stage.expand(stage.from_config(options or {}, encoder=encoder))]
 
 
 def feature_dim(modality: str, encoder: str, options: dict[str, Any] | None = None) -> int:

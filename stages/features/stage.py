@@ -28,12 +28,29 @@ class EncoderStage(Stage):
     """Shared by both feature stages: resolves the encoder and preprocesses rows one failure at a time."""
 
     Params: ClassVar[type[StageParams]] = FeatureParams
-    inference: ClassVar[bool] = True    # False: preprocessing only, the model is not loaded
+    loads_model: ClassVar[bool] = True    # False: preprocessing only, the model is not loaded
+    config_keys = ("encoder",)
+    runs_after = ("cleanup.", "dedup", "augment.")   # every copy's features from its final media
+    reads = ("{modality}",)
+    reasons = {"{modality}_preprocess_error": "the encoder's preprocessing failed on the value"}
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any], encoder: str | None = None, **keys: Any) -> dict[str, Any]:
+        if not encoder:
+            raise ValueError(f"stages.{cls.name} needs an encoder")
+        return {"encoder": encoder, "options": dict(params)}
+
+    @classmethod
+    def expand(cls, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+        """A pretrained encoder: a CPU ``.prep`` stage, then the model stage with the entry's resources
+        (preprocessing overlaps inference on separate actor pools)."""
+        pretrained = get_encoder(cls.modality, params["encoder"]).pretrained
+        return ([(f"{cls.name}.prep", params, False)] if pretrained else []) + [(cls.name, params, True)]
 
     def __init__(self, params: StageParams | dict | None = None, context: StageContext | None = None):
         super().__init__(params, context)
         self.encoder: Encoder = get_encoder(self.modality, self.params.encoder)(
-            self.params.options, inference=self.inference)
+            self.params.options, inference=self.loads_model)
 
     @classmethod
     def fingerprint(cls, params: StageParams | dict | None = None) -> str:
@@ -66,7 +83,8 @@ class EncoderStage(Stage):
 class FeaturePrepStage(EncoderStage):
     """``features.<m>.prep``: runs ``encoder.preprocess`` and stores payloads in ``<m>_prep``."""
 
-    inference: ClassVar[bool] = False
+    loads_model: ClassVar[bool] = False
+    writes = ("{modality}_prep",)
 
     def process(self, batch: Batch) -> Batch:
         column = object_column([None] * num_rows(batch))
@@ -78,6 +96,8 @@ class FeaturePrepStage(EncoderStage):
 
 class FeatureStage(EncoderStage):
     """``features.<m>``: encodes live rows in sub-batches of ``options.batch_size``."""
+
+    writes = ("{modality}_emb", "has_{modality}")
 
     def process(self, batch: Batch) -> Batch:
         m = self.modality

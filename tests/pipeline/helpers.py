@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config
+from core.config import load_config
 
 BASE = {
     "name": "test",

@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from pipeline import execution, runner
-from pipeline.config import Config, Resources
+from pipeline import execution
+from pipeline.orchestration import Pipeline
+from core.config import Config, Resources
 from pipeline.demo import make_demo
 from pipeline.execution import Group, StageChain, block_rows
 from pipeline.runner import run
-from stages.base import StageContext, StageStats
+from stages.base import STATS_COLUMN, StageContext, StageStats, decode_stats
 from tests.pipeline.helpers import config, shard_members
 from tests.stages.helpers import make_batch
 
@@ -64,7 +65,9 @@ class _Recorder:
 
     def __init__(self):
         self.sizes: list[int] = []
-        self.stats = StageStats()   # what the actors' metrics read, where Ray is up
+
+    def take_stats(self) -> StageStats:   # the block's record, what the chain sends on
+        return StageStats(self.name, rows_in=sum(self.sizes))
 
     def __call__(self, batch):
         self.sizes.append(len(batch["id"]))
@@ -73,22 +76,23 @@ class _Recorder:
 
 
 def test_stage_chain_cuts_a_block_into_stage_batches():
-    chain = StageChain([], {}, group=0, batch_size=32)
+    chain = StageChain([], {}, batch_size=32)
     chain.stages = [recorder := _Recorder()]
     block = make_batch(text=[f"t{i}" for i in range(70)])
     out = list(chain(block))
     assert recorder.sizes == [32, 32, 6]
     ids = [i for b in out for i in b["id"]]
     assert ids == [f"row{i}" for i in range(70) if i % 32 % 3 != 2]
-    for b in out:   # per-batch stage timings ride in the first row
-        assert b["_stats_0"][0] and not any(b["_stats_0"][1:])
+    for b in out:   # the block's stats records ride in its first row
+        assert decode_stats(b[STATS_COLUMN][0]) == [StageStats("recorder", rows_in=70)]
+        assert not any(b[STATS_COLUMN][1:])
 
 
 def test_a_whole_block_stage_is_called_once_per_block():
     """Dedup asks for whole blocks: one round trip to the run's index per block, not per stage batch."""
     from stages.dedup import Dedup
 
-    chain = StageChain([], {}, group=0, batch_size=32)
+    chain = StageChain([], {}, batch_size=32)
     per_batch, whole = _Recorder(), _Recorder()
     whole.whole_block = True
     chain.stages = [per_batch, whole]
@@ -150,14 +154,14 @@ def test_a_warm_driver_seeds_an_index_started_before_the_scan(tmp_path, ray_sess
     copy = dict(rows[1], id="copy", label="another")   # the same media as s00001, a label of its own
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows + [copy]))
 
-    started, start_index, scan = [], dedup.start_index, runner.scan
+    started, start_index, scan = [], dedup.start_index, Pipeline.scan_records
 
     def scan_after_start(*args, **kwargs):
         assert started, "the index actor starts before the scan"
         return scan(*args, **kwargs)
 
     monkeypatch.setattr(dedup, "start_index", lambda name, params: (started.append(name), start_index(name, params)))
-    monkeypatch.setattr(runner, "scan", scan_after_start)
+    monkeypatch.setattr(Pipeline, "scan_records", scan_after_start)
     record = run(cfg, log=lambda s: None).record
     assert started == [dedup.index_name(record["run_id"])] and record["counts"]["processed"] == 1
     rejects = DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()

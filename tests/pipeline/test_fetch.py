@@ -1,4 +1,4 @@
-"""pipeline.fetch against a loopback HTTP server: every URL accepted or rejected with its reason."""
+"""stages.fetch against a loopback HTTP server: every URL accepted or rejected with its reason."""
 from __future__ import annotations
 
 import socket
@@ -8,8 +8,8 @@ import pytest
 
 from tests.conftest_http import body, fail_first, http_server, redirect, slow, stalled_body, status  # noqa: E402,F401
 
-from pipeline.config import HttpConfig  # noqa: E402
-from pipeline.fetch import FetchResult, Fetcher  # noqa: E402
+from core.config import HttpConfig  # noqa: E402
+from stages.fetch import FetchResult, Fetcher  # noqa: E402
 from stages.base import Reject  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200

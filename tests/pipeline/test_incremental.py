@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 
 from pipeline.demo import _audio, _image, make_demo
 from pipeline.runner import run
-from pipeline.store import Store, StoreBusy
+from core.store import Store, StoreBusy
 from tests.pipeline.helpers import config, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_a_plan_the_driver_handles_never_starts_ray(own, tmp_path):
     folder, manifest = own
     write_config(tmp_path, {"source": {"path": str(manifest)}, "store": str(tmp_path / "s"),
                             "execution": {"local_max_rows": 1000}})
-    code = ("import json, ray; from pipeline.config import load_config; from pipeline.runner import run; "
+    code = ("import json, ray; from core.config import load_config; from pipeline.runner import run; "
             f"rec = run(load_config({str(tmp_path / 'config.yaml')!r}), log=lambda s: None).record; "
             "print(json.dumps([ray.is_initialized(), rec['execution'], rec['counts']['processed']]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)

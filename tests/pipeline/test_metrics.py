@@ -14,11 +14,11 @@ import yaml
 from deltalake import DeltaTable
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.config import load_config
+from core.config import load_config
 from pipeline.demo import make_demo
 from pipeline.metrics import METRICS, StageMetrics, prometheus_name
 from pipeline.runner import run
-from stages.base import Stage
+from stages.base import Stage, StageStats
 
 
 def free_port() -> int:
@@ -76,11 +76,9 @@ class Upper(Stage):
 
 def test_stage_metrics_is_a_noop_outside_ray():
     assert not ray.is_initialized()
-    stage = Upper()
-    stage.stats.rejected["x"] = 1
     m = StageMetrics()
     assert not m.enabled
-    m.record(stage, 4, 4, 0.01, {})        # must not raise nor start Ray
+    m.record(StageStats(Upper.name, rows_in=4, rows_out=4, seconds=0.01, rejected={"x": 1}))   # must not raise nor start Ray
     assert not ray.is_initialized()
 
 

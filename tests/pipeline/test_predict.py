@@ -2,6 +2,8 @@
 whose stages differ from the ones the model was trained on."""
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pyarrow.compute as pc
@@ -9,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.config import ConfigError
+from core.config import ConfigError
 from pipeline.demo import make_demo
-from pipeline.predict import predict_records
+from pipeline.cli import predict_records
 from pipeline.runner import run
 from tests.pipeline.helpers import config
 from training.train import train
@@ -47,8 +49,8 @@ def test_predict_on_test_split_reproduces_evaluation(trained, tmp_path):
 
 def test_predict_refuses_a_different_stage_config(trained, tmp_path):
     folder, manifest, store, cfg, result = trained
-    feats = cfg.stages.features.copy()
-    feats["text"] = feats["text"].model_copy(update={"params": {"word_features": 256}})
-    other = cfg.model_copy(update={"stages": cfg.stages.model_copy(update={"features": feats})})
+    stages = copy.deepcopy(cfg.stages)
+    stages["features"]["text"]["params"] = {"word_features": 256}
+    other = cfg.model_copy(update={"stages": stages})
     with pytest.raises(ConfigError, match="stage features.text is configured differently"):
         predict_records(other, result.model_dir, tmp_path / "p.csv")

@@ -18,11 +18,11 @@ import yaml
 from deltalake import DeltaTable
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from pipeline.demo import make_demo
-from pipeline.lease import S3Lease
+from core.lease import S3Lease
 from pipeline.runner import run
-from pipeline.store import Store, StoreBusy
+from core.store import Store, StoreBusy
 
 BUCKET = "mmpipe-test"
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import Config
+from core.config import Config
 from pipeline.execution import StageChain, shards_in_actors
 from pipeline import sinks
 from pipeline.sinks import RunSink, write_block_shards
-from pipeline.store import Store
+from core.store import Store
 from tests.pipeline.helpers import shard_members
 from tests.stages.helpers import make_batch
 
@@ -58,8 +58,8 @@ def test_a_chain_that_drops_media_returns_the_same_features_without_them():
     without the media bytes; nothing else changes."""
     specs = [("features.text", {"encoder": "hashed"})]
     batch = make_batch(text=[f"caption number {i}" for i in range(6)] + [None])
-    kept = next(StageChain(specs, {}, 0)({k: v.copy() for k, v in batch.items()}))
-    dropped = next(StageChain(specs, {}, 0, drop_media=True)({k: v.copy() for k, v in batch.items()}))
+    kept = next(StageChain(specs, {})({k: v.copy() for k, v in batch.items()}))
+    dropped = next(StageChain(specs, {}, drop_media=True)({k: v.copy() for k, v in batch.items()}))
 
     assert all(t is None for t in dropped["text"]) and kept["text"][0] == "caption number 0"
     assert dropped["has_text"].tolist() == [True] * 6 + [False]

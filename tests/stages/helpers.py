@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
+from core.schema import BATCH_STR_COLUMNS, MEDIA_COLUMNS
 from stages.base import ModalityCleaner, Reject, object_column
 
 

@@ -162,12 +162,12 @@ def test_stages_are_registered():
 
 
 def test_a_driver_validating_augment_params_imports_neither_torch_nor_nltk():
-    """``build_stages`` imports every stage's module to validate its params, and runs none of them.
+    """``resolve_stages`` imports every stage's module to validate its params, and runs none of them.
     torch and torchvision (~3 s) and NLTK and scikit-learn (~1.5 s) come in with the first
     augmented row instead: a no-op rerun of an augmenting config paid ~4.5 s for them."""
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    code = ("import sys; from pipeline.config import load_config; from pipeline.plan import build_stages; "
-            f"names = [s.name for s in build_stages(load_config({str(demo)!r}), 1)]; "
+    code = ("import sys; from core.config import load_config; from pipeline.plan import resolve_stages; "
+            f"names = [s.name for s in resolve_stages(load_config({str(demo)!r}), 1)]; "
             "print([m for m in ('torch', 'torchvision', 'nltk', 'sklearn') if m in sys.modules]); print(names)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded, names = out.stdout.strip().splitlines()

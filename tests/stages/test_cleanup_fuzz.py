@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from pipeline.schema import MEDIA_COLUMNS
+from core.schema import MEDIA_COLUMNS
 from stages.base import ModalityCleaner, StageContext
 from stages.cleanup.audio import AudioCleaner
 from stages.cleanup.image import ImageCleaner

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import Config
-from pipeline.schema import FEATURES_SCHEMA
+from core.config import Config
+from core.schema import FEATURES_SCHEMA
 
 torch.set_num_threads(1)   # tiny models: intra-op threads only fight over the 2 shared cores
 

@@ -1,7 +1,7 @@
 """The run configuration: YAML validated by pydantic, with ``--set dotted.key=value`` overrides.
 
-Stage parameters are validated by each stage's own ``Params`` model when the plan is built
-(``pipeline.plan.build_stages``), so a typo anywhere stops the run before any row moves.
+Stage entries are validated by each stage's own ``Params`` model when the plan is built
+(``pipeline.plan.resolve_stages``), so a typo anywhere stops the run before any row moves.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.fetch import HttpConfig
 
 
 class ConfigError(ValueError):
@@ -30,32 +32,27 @@ class Resources(Strict):
 
 
 class StageConfig(Strict):
+    """One entry of ``stages``: a stage named by its place (``stages.cleanup.image`` runs the stage
+    registered as ``cleanup.image``) or by ``uses`` (a registered name, an entry point of the
+    ``mmpipe.stages`` group, or an import path ``package.module:Class``)."""
+
+    model_config = ConfigDict(extra="allow")   # stage-specific keys (``encoder``), checked by the stage
     enabled: bool = True
+    uses: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     resources: Resources | None = None       # None: the execution defaults
-
-
-class EncoderConfig(Strict):
-    enabled: bool = True
-    encoder: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    resources: Resources | None = None
-
-
-class HttpConfig(Strict):
-    timeout_s: float = Field(10.0, gt=0)
-    retries: int = Field(3, ge=0)
-    backoff_s: float = Field(0.5, ge=0)
-    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_redirects: int = Field(5, ge=0)
-    concurrency: int = Field(16, ge=1)
-    user_agent: str = "mmpipe/0.1 (+https://github.com/mmpipe)"
+    after: str | None = None                  # place the stage right after (before) this one
+    before: str | None = None
 
 
 class SourceConfig(Strict):
     path: str = ""                                    # manifest file, folder, or .tar shards (glob ok)
     kind: Literal["auto", "manifest", "folder", "webdataset"] = "auto"
     roots: list[str] = Field(default_factory=list)    # extra folders media paths may resolve into
+    # The stages every source runs through: pass 1 (resolve, fetch, hash) and the loading of the
+    # bytes in the processing pass. Their parameters come from this section.
+    scan_stage: str = "ingest.scan"
+    load_stage: str = "ingest"
     http: HttpConfig = Field(default_factory=HttpConfig)
 
 
@@ -97,13 +94,6 @@ class RayConfig(Strict):
     progress_bars: bool = True
 
 
-class PipelineStages(Strict):
-    cleanup: dict[str, StageConfig] = Field(default_factory=dict)     # text / image / audio
-    dedup: StageConfig = Field(default_factory=StageConfig)
-    augment: dict[str, StageConfig] = Field(default_factory=dict)     # copies / image / text / audio
-    features: dict[str, EncoderConfig] = Field(default_factory=dict)  # image / text / audio
-
-
 class TrainingConfig(Strict):
     fusion: str = "concat"
     modalities: list[str] = Field(default_factory=lambda: ["image", "text", "audio"])
@@ -142,7 +132,9 @@ class Config(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    stages: PipelineStages = Field(default_factory=PipelineStages)
+    # The processing stages, in order: nested mappings whose leaves are ``StageConfig`` entries
+    # (resolved and validated by ``pipeline.plan.resolve_stages`` before any row moves).
+    stages: dict[str, Any] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 

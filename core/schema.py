@@ -1,6 +1,9 @@
 """Row layouts: the batch that flows between stages, and the stored tables (public contract)."""
 from __future__ import annotations
 
+import json
+from typing import Any, Mapping
+
 import pyarrow as pa
 
 from stages.base import MODALITIES
@@ -68,3 +71,13 @@ REJECTS_SCHEMA = pa.schema(
         ("ref", pa.string()),          # where the record came from (paths / urls), for humans
     ]
 )
+
+
+def reject_record(row: Mapping[str, Any], run_id: str, fp_all: str = "") -> dict[str, Any]:
+    """The rejects-table row for a rejected row (a planner dict or one row of a batch): the one
+    place a reject record is built."""
+    refs = {m: str(row.get(f"{m}_ref") or "") for m in ("image", "audio")}
+    return {"id": str(row["id"]), "stage": str(row["reject_stage"]), "reason": str(row["reject_reason"]),
+            "detail": str(row["reject_detail"] or ""), "run_id": run_id,
+            "sha_sample": str(row.get("sha_sample") or ""), "fp_all": str(row.get("fp_all") or fp_all),
+            "ref": json.dumps({k: v for k, v in refs.items() if v})}

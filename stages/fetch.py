@@ -14,15 +14,39 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
+from pydantic import BaseModel, ConfigDict, Field
 from urllib3.exceptions import ReadTimeoutError
 
-from pipeline.config import HttpConfig
 from stages.base import Reject
 
 ALLOWED_SCHEMES = ("http", "https")
 # content types the decoder gets to judge; a missing header counts as octet-stream
 UNDECIDED_TYPES = ("application/octet-stream", "")
 CHUNK = 64 * 1024
+FETCH_REASONS = {
+    "url_scheme": "the URL (or a redirect target) is not http or https",
+    "url_invalid": "an http(s) URL without a host, or one that cannot be parsed",
+    "http_status": "the final answer is not 2xx (5xx and 429 after the retries)",
+    "http_timeout": "no connection, answer or body within timeout_s, on every attempt",
+    "http_connection": "connection refused, reset or dropped, on every attempt",
+    "http_too_large": "the body is larger than max_bytes",
+    "http_content_type": "the Content-Type is not image/* (audio/*) as expected",
+    "http_redirects": "more than max_redirects redirects",
+}
+
+
+class HttpConfig(BaseModel):
+    """``source.http``: how ingest (and predict) fetch http(s) media."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(10.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_redirects: int = Field(5, ge=0)
+    concurrency: int = Field(16, ge=1)
+    user_agent: str = "mmpipe/0.1 (+https://github.com/mmpipe)"
 
 
 @dataclass

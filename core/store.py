@@ -13,14 +13,12 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
-from pipeline.plan import Lineage
-from pipeline.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
-from stages.base import MODALITIES
+from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
 
 
 class StoreBusy(RuntimeError):
@@ -81,8 +79,8 @@ class Store:
         """Refuse a second concurrent writer. Local: an flock, released by the OS if the run dies.
         S3: a lease object ``_lock.json`` (conditional put, heartbeat, stale-lease takeover)."""
         if self.uri.startswith("s3://"):
-            from pipeline.config import ConfigError
-            from pipeline.lease import LeaseHeld, LeaseUnavailable, S3Lease
+            from core.config import ConfigError
+            from core.lease import LeaseHeld, LeaseUnavailable, S3Lease
 
             lease = S3Lease(self.uri_of("_lock.json"), run_id)
             try:
@@ -129,21 +127,42 @@ class Store:
             return schema.empty_table().select(columns) if columns else schema.empty_table()
         return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
 
-    def lineage(self) -> Lineage:
-        lin = Lineage()
-        cols = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]
-        feats = self.read("features", columns=cols)
-        for row in feats.to_pylist():
-            lin.keys.setdefault(row["id"], []).append(row["aug"])
-            if row["aug"] == 0:
-                lin.features[row["id"]] = row
-        for row in self.read("rejects", columns=["id", "reason", "detail", "sha_sample", "fp_all"]).to_pylist():
-            lin.rejects[row["id"]] = row
-        return lin
+    def dataset(self, which: str, version: int | None = None) -> pads.Dataset | None:
+        """A table at ``version`` (default: the latest) as a lazily read pyarrow dataset, opened
+        with this store's storage options; None when the table does not exist. A version the
+        table never had is a user error (``ConfigError``)."""
+        uri = self.uri_of(which)
+        dt = self.table(uri)
+        if dt is None:
+            return None
+        if version is not None and version != dt.version():
+            if not 0 <= version <= dt.version():
+                from core.config import ConfigError
 
-    def dedup_signatures(self, exclude: set[str]) -> list[tuple[str, str]]:
-        t = self.read("features", columns=["id", "dedup_sig"], filter=pc.field("aug") == 0)
-        return [(i, s) for i, s in zip(t["id"].to_pylist(), t["dedup_sig"].to_pylist()) if s and i not in exclude]
+                raise ConfigError(f"{which} table at {uri} has no version {version} (versions 0..{dt.version()})")
+            dt.load_as_version(version)
+        return dt.to_pyarrow_dataset()
+
+    def batches(self, which: str, columns: list[str], filter: pc.Expression | None = None,
+                version: int | None = None) -> Iterator[pa.RecordBatch]:
+        """A table's rows as a stream of record batches (never the whole table in memory)."""
+        dt = self.table(self.uri_of(which), version)
+        if dt is None:
+            return iter(())
+        return dt.to_pyarrow_dataset().to_batches(columns=columns, filter=filter)
+
+    def count(self, which: str, filter: pc.Expression | None = None) -> int:
+        """Rows of a table (matching ``filter``), counted by the reader, no row materialised."""
+        ds = self.dataset(which)
+        return 0 if ds is None else ds.count_rows(filter=filter)
+
+    def value_counts(self, which: str, column: str) -> dict[str, int]:
+        """How often each value of ``column`` occurs, summed block by block."""
+        counts: dict[str, int] = {}
+        for batch in self.batches(which, [column]):
+            for item in pc.value_counts(batch.column(0)).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        return counts
 
     def merge(self, which: str, new: pa.Table, delete_keys: pa.Table, run_id: str,
               metadata: dict | None = None) -> int | None:
@@ -178,28 +197,6 @@ class Store:
     def versions(self, which: str) -> list[dict]:
         dt = self.table(self.uri_of(which))
         return [] if dt is None else dt.history()
-
-    # -- the scan's hash cache (local files only; safe to lose) ------------------------------
-    def hash_cache(self) -> dict[tuple, str]:
-        path = self.local_dir("cache") / "hashes.parquet"
-        if not path.is_file():
-            return {}
-        try:
-            t = pq.read_table(path).to_pydict()
-        except (OSError, pa.ArrowInvalid):
-            return {}
-        keys = zip(t["path"], t["size"], t["mtime_ns"], t["ctime_ns"], t["inode"])
-        return dict(zip(keys, t["sha"]))
-
-    def save_hash_cache(self, cache: dict[tuple, str]) -> None:
-        cols = list(zip(*cache.keys())) if cache else [[], [], [], [], []]
-        table = pa.table({"path": pa.array(cols[0], pa.string()), "size": pa.array(cols[1], pa.int64()),
-                          "mtime_ns": pa.array(cols[2], pa.int64()), "ctime_ns": pa.array(cols[3], pa.int64()),
-                          "inode": pa.array(cols[4], pa.int64()), "sha": pa.array(list(cache.values()), pa.string())})
-        path = self.local_dir("cache") / "hashes.parquet"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
 
     # -- run records and shards -------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> None:

@@ -1,0 +1,190 @@
+"""One orchestration for every pass over the data: ``run`` (then commits), ``predict`` (inference
+stages only, no commit) and the benchmarks' plain baseline (no Ray) all resolve the stages, scan,
+plan and process through ``Pipeline``. It names no stage: what a stage needs around the rows it
+sees (an index, a cache) it opens and closes in its own run hooks, which ``Pipeline`` calls."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import ray
+
+from core.config import Config
+from core.store import Store
+from pipeline.execution import cluster_facts, ensure_ray, process, runs_locally, stage_metrics
+from pipeline.plan import Lineage, Plan, StageSpec, fingerprints, make_plan, resolve_stages, scan_spec
+from pipeline.sources import SourceRecord
+from stages.base import Batch, RunScope, Stage, StageContext, StageStats, object_column
+
+SCAN_BATCH = 64   # records per scan call
+
+
+@dataclass
+class Pipeline:
+    """The resolved stages of one run and the run-wide state around them."""
+
+    cfg: Config
+    run_id: str
+    scan: StageSpec
+    specs: list[StageSpec]
+    store: Store | None = None
+    info: dict[str, Any] = field(default_factory=dict)   # cluster facts (``execution.cluster_facts``)
+    include: Callable[[type[Stage]], bool] = lambda stage: True
+    local: bool = True                                   # the last pass ran in this process
+    _open: dict[type[Stage], RunScope] = field(default_factory=dict)   # hooks to close, in order
+    _failed: bool = False
+
+    @classmethod
+    def build(cls, cfg: Config, run_id: str, store: Store | None = None,
+              include: Callable[[type[Stage]], bool] = lambda stage: True, connect: bool = True) -> "Pipeline":
+        """Resolve and validate every stage (before any data is read). ``include`` filters the
+        stages (prediction keeps the inference stages); ``connect``: look at (or join) Ray."""
+        pipe = cls(cfg, run_id, scan_spec(cfg), [], store, include=include)
+        pipe.specs = pipe._resolve(1)
+        if connect:
+            pipe.info = cluster_facts(cfg)
+            pipe.specs = pipe._resolve(pipe.info["num_cpus"])
+        else:
+            pipe.info = {"num_cpus": 1, "num_gpus": 0, "dashboard_url": "", "remote": False, "ray_started": False}
+        return pipe
+
+    def _resolve(self, num_cpus: int) -> list[StageSpec]:
+        """The stages with resources sized for ``num_cpus`` (actor pools default to one per CPU)."""
+        return [s for s in resolve_stages(self.cfg, num_cpus) if self.include(s.cls)]
+
+    @property
+    def fps(self) -> dict[str, str]:
+        return fingerprints(self.cfg, self.specs)
+
+    @property
+    def context(self) -> StageContext:
+        return StageContext(run_id=self.run_id, seed=self.cfg.seed, bad_modality=self.cfg.bad_modality,
+                            store=self.store.uri if self.store else "",
+                            cache_dir=str(self.store.local_dir("cache", "http")) if self.store else "")
+
+    # -- run hooks ----------------------------------------------------------------------------
+    def _scope(self, spec: StageSpec, local: bool, removed: frozenset[str] = frozenset()) -> RunScope:
+        stored = None
+        if self.store is not None:
+            store = self.store
+            stored = lambda columns: store.batches("features", columns, filter=_originals())  # noqa: E731
+        return RunScope(self.run_id, spec.cls.Params.model_validate(spec.params), local=local,
+                        cache_dir=str(self.store.local_dir("cache")) if self.store else "",
+                        stored=stored, removed=removed)
+
+    def start_early(self, new_inputs: int) -> None:
+        """Call the stages' ``start_run`` when the pass will surely run in actors: Ray is up and
+        more inputs are new than ``execution.local_max_rows``."""
+        if not self.info.get("ray_started") or new_inputs <= self.cfg.execution.local_max_rows:
+            return
+        for spec in self.specs:
+            scope = self._scope(spec, local=False)
+            spec.cls.start_run(scope)
+            self._open.setdefault(spec.cls, scope)
+
+    def open_stages(self, specs: list[StageSpec], local: bool, removed: frozenset[str] = frozenset()) -> None:
+        for spec in specs:
+            scope = self._scope(spec, local, removed)
+            self._open[spec.cls] = scope
+            spec.cls.open_run(scope)
+
+    def close(self) -> None:
+        """Every opened stage's ``close_run``, whatever happened (each is called once)."""
+        while self._open:
+            cls, scope = self._open.popitem()
+            cls.close_run(scope, self._failed)
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._failed = exc_type is not None
+        self.close()
+
+    # -- phases -------------------------------------------------------------------------------
+    def scan_records(self, records: list[SourceRecord]) -> tuple[list[dict], StageStats]:
+        """Pass 1: resolve, fetch and hash every record (small output, no media bytes). On a
+        cluster in Ray actors near the data; on one machine in this process (an actor pool's
+        start-up is the main fixed cost of a small incremental run)."""
+        rows = [_scan_row(rec) for rec in records]
+        cls = self.scan.cls
+        self.open_stages([self.scan], local=not self.info.get("remote"))
+        if self.info.get("remote"):
+            return _scan_remote(rows, self.scan, self.context, self.info["num_cpus"])
+        stage = cls(self.scan.params, self.context)
+        outputs = sorted(cls.columns("writes"))
+        out = []
+        for k in range(0, len(rows), SCAN_BATCH):
+            chunk = rows[k:k + SCAN_BATCH]
+            batch = stage({key: object_column([r[key] for r in chunk]) for key in chunk[0]})
+            out += [{c: batch[c][i] for c in outputs} for i in range(len(chunk))]
+        stats = stage.take_stats()
+        metrics = stage_metrics()   # the same per-stage metrics the actors export
+        if metrics is not None:
+            metrics.record(stats)
+        return out, stats
+
+    def plan(self, scanned: list[dict], lineage: Lineage, dedup: bool = True) -> Plan:
+        return make_plan(scanned, lineage, self.fps, self.cfg, dedup=dedup)
+
+    def process(self, plan: Plan, shards: Callable[[bool], dict | None] = lambda local: None,
+                log: Callable[[str], None] = lambda _: None) -> Iterable[Batch]:
+        """The processing pass over the plan's rows: in this process for a small plan, else in Ray
+        Data actor pools (Ray started now if it was not). ``shards(local)`` says where the last
+        pool writes the samples' shards (None: the caller does)."""
+        if not plan.rows:
+            return iter(())
+        local = runs_locally(plan.rows, self.specs, self.cfg)
+        if not local and not self.info.get("ray_started"):
+            self.info = ensure_ray(self.cfg, self.info, log)
+            self.specs = self._resolve(self.info["num_cpus"])
+        self.open_stages(self.specs, local, frozenset(plan.removed))
+        self.local = local
+        return process(plan.rows, self.specs, self.context, self.cfg, self.info["num_cpus"], local, shards(local))
+
+
+def _originals():
+    import pyarrow.compute as pc
+
+    return pc.field("aug") == 0
+
+
+def _scan_row(rec: SourceRecord) -> dict:
+    d = rec.to_dict()
+    d["text"] = d["text"] or ""
+    d["image"], d["audio"] = d["image"] or "", d["audio"] or ""
+    d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
+    return d
+
+
+def _scan_remote(rows: list[dict], spec: StageSpec, context: StageContext, num_cpus: int) -> tuple[list[dict], StageStats]:
+    from pipeline.execution import StageChain
+    from stages.base import STATS_COLUMN, decode_stats
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
+    ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [spec.to_actor], "context": context.model_dump()},
+                        compute=ray.data.ActorPoolStrategy(size=max(1, num_cpus)), batch_size=SCAN_BATCH,
+                        batch_format="numpy", zero_copy_batch=False)
+    out = ds.take_all()
+    stats = StageStats(spec.name)
+    for r in out:
+        for record in decode_stats(r.get(STATS_COLUMN) or ""):
+            stats.add(record)
+    outputs = sorted(spec.cls.columns("writes"))
+    return [{c: r[c] for c in outputs} for r in out], stats
+
+
+def timed(seconds: dict[str, float], name: str):
+    """A context manager adding the wall seconds of a block to ``seconds[name]``."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def _timer():
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    return _timer()
