@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.fetch import HttpConfig
 
@@ -136,6 +136,17 @@ class Config(Strict):
     # (resolved and validated by ``pipeline.plan.resolve_stages`` before any row moves).
     stages: dict[str, Any] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _dedup_by_default(cls, stages: dict[str, Any]) -> dict[str, Any]:
+        """Dedup runs unless a config turns it off (``stages.dedup.enabled: false``), as it always
+        has: a config without a ``dedup`` entry gets it after its cleanup stages."""
+        if "dedup" in stages:
+            return stages
+        keys = list(stages)
+        at = keys.index("cleanup") + 1 if "cleanup" in keys else 0
+        return {**{k: stages[k] for k in keys[:at]}, "dedup": {}, **{k: stages[k] for k in keys[at:]}}
 
 
 def _parse_value(text: str) -> Any:

@@ -85,16 +85,6 @@ def _is_stage(name: str) -> bool:
     return True
 
 
-def _with_default_dedup(stages: dict[str, Any]) -> dict[str, Any]:
-    """Dedup runs unless a config turns it off (``stages.dedup.enabled: false``), as it always has:
-    a config without a ``dedup`` entry gets it after its cleanup stages."""
-    if "dedup" in stages:
-        return stages
-    keys = list(stages)
-    at = keys.index("cleanup") + 1 if "cleanup" in keys else 0
-    return {**{k: stages[k] for k in keys[:at]}, "dedup": {}, **{k: stages[k] for k in keys[at:]}}
-
-
 def resolve_stages(cfg: Config, num_cpus: int = 1) -> list[StageSpec]:
     """Every stage of the processing pass, in the config's order, resolved through the registry,
     parameters validated and the column chain checked (fail before data moves). Imports only the
@@ -103,7 +93,7 @@ def resolve_stages(cfg: Config, num_cpus: int = 1) -> list[StageSpec]:
     default = Resources(num_cpus=1, num_gpus=0, concurrency=ex.concurrency or max(1, num_cpus), batch_size=ex.batch_size)
     specs = [_spec(cfg.source.load_stage, {}, default, "source.load_stage")]
     placed: list[tuple[StageSpec, StageConfig]] = []
-    for place, entry in _entries(_with_default_dedup(cfg.stages)):
+    for place, entry in _entries(cfg.stages):
         if entry.enabled:
             placed += _entry_specs(place, entry, default)
     names = {spec.name for spec, _ in placed}
