@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -164,13 +165,15 @@ class Store:
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         return counts
 
-    def merge(self, which: str, new: pa.Table, delete_keys: pa.Table, run_id: str,
-              metadata: dict | None = None) -> int | None:
-        """One Delta commit: upsert ``new`` and delete ``delete_keys`` (key columns only).
-        Returns the new table version, or None when there was nothing to write."""
+    def merge(self, which: str, new: pa.Table | pa.RecordBatchReader, delete_keys: pa.Table, run_id: str,
+              metadata: dict | None = None, rows: int | None = None) -> int | None:
+        """One Delta commit: upsert ``new`` (a table, or a stream of ``rows`` rows read once, never
+        held whole) and delete ``delete_keys`` (key columns only). Returns the new table version,
+        or None when there was nothing to write."""
         schema = new.schema
         keys = ["id", "aug"] if which == "features" else ["id"]
-        if new.num_rows == 0 and delete_keys.num_rows == 0:
+        rows = new.num_rows if isinstance(new, pa.Table) else rows
+        if rows == 0 and delete_keys.num_rows == 0:
             return None
         props = CommitProperties(custom_metadata={"mmpipe.run_id": run_id, **(metadata or {})})
         uri = self.uri_of(which)
@@ -182,17 +185,72 @@ class Store:
             return 0
         tomb = pa.table({c: delete_keys[c] if c in keys else pa.nulls(delete_keys.num_rows, schema.field(c).type)
                          for c in schema.names})
-        source = pa.concat_tables([
-            new.append_column("_delete", pa.array([False] * new.num_rows, pa.bool_())),
-            tomb.append_column("_delete", pa.array([True] * tomb.num_rows, pa.bool_())),
-        ])
+        flagged = schema.append(pa.field("_delete", pa.bool_()))
+
+        def source():
+            for batch in (new.to_batches() if isinstance(new, pa.Table) else new):
+                yield pa.RecordBatch.from_arrays([*batch.columns, pa.array([False] * batch.num_rows, pa.bool_())], schema=flagged)
+            for batch in tomb.to_batches():
+                yield pa.RecordBatch.from_arrays([*batch.columns, pa.array([True] * batch.num_rows, pa.bool_())], schema=flagged)
+
         predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        (dt.merge(source, predicate, source_alias="s", target_alias="t", commit_properties=props)
+        (dt.merge(pa.RecordBatchReader.from_batches(flagged, source()), predicate, source_alias="s", target_alias="t",
+                  commit_properties=props, streamed_exec=True)
            .when_matched_delete("s._delete = true")
            .when_matched_update_all(predicate="s._delete = false", except_cols=["_delete"])
            .when_not_matched_insert_all(predicate="s._delete = false", except_cols=["_delete"])
            .execute())
         return dt.version()
+
+    def data_files(self, which: str, run_id: str) -> "DataFiles":
+        """A writer of this run's Parquet data files for table ``which`` (committed by ``commit``)."""
+        return DataFiles(self, which, run_id)
+
+    def commit(self, which: str, files: "DataFiles", delete: pa.Array | None, run_id: str,
+               metadata: dict | None = None) -> int | None:
+        """One Delta transaction: add the run's data files and remove the rows whose key (``id``,
+        or ``id<TAB>aug`` for features) is in ``delete``: each stored file holding one is rewritten
+        without them (copy on write), read and written a row group at a time. Returns the new
+        version, or None when there was nothing to do. The driver holds file lists and keys,
+        never rows."""
+        from deltalake import Schema as DeltaSchema
+        from deltalake.transaction import RemoveAction, create_table_with_add_actions
+
+        props = CommitProperties(custom_metadata={"mmpipe.run_id": run_id, **(metadata or {})})
+        uri = self.uri_of(which)
+        dt = self.table(uri)
+        removes = []
+        if dt is not None and delete is not None and len(delete):
+            now = int(time.time() * 1000)
+            actions = dt.get_add_actions(flatten=True)
+            for path, size in zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()):
+                if files.rewrite_without(path, delete):
+                    removes.append(RemoveAction(path, True, now, size))
+        adds = files.close()
+        if not adds and not removes:
+            return None
+        schema = files.schema
+        if dt is None:
+            create_table_with_add_actions(uri, DeltaSchema.from_arrow(schema), adds, mode="error", name=which,
+                                          description=json.dumps(metadata or {}), storage_options=self.storage_options,
+                                          commit_properties=props)
+            return 0
+        dt.create_write_transaction(removes + adds, mode="append", schema=schema, commit_properties=props)
+        dt.update_incremental()
+        return dt.version()
+
+    def orphan_files(self, which: str, done: set[str]) -> list[str]:
+        """Data files of runs that never committed: written by ``DataFiles`` (their run id in the
+        name), not referenced by the table, from a run without a run record."""
+        dt = self.table(self.uri_of(which))
+        referenced = set() if dt is None else set(dt.get_add_actions(flatten=True).column("path").to_pylist())
+        sel = pafs.FileSelector(self.path_of(which), allow_not_found=True)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            run = DataFiles.run_of(info.base_name)
+            if run and run not in done and info.base_name not in referenced:
+                out.append(info.path)
+        return out
 
     def versions(self, which: str) -> list[dict]:
         dt = self.table(self.uri_of(which))
@@ -217,9 +275,15 @@ class Store:
         return sorted(records, key=lambda r: r.get("started", ""))
 
     def recover(self) -> list[str]:
-        """Remove shard folders of runs that never committed (no run record, not referenced)."""
+        """Remove what runs that never committed left: data files no table references and shard
+        folders no row references (no run record either)."""
         done = {r["run_id"] for r in self.runs()}
-        referenced = set(self.read("features", columns=["shard"])["shard"].to_pylist())
+        for which in ("features", "rejects"):
+            for path in self.orphan_files(which, done):
+                self.fs.delete_file(path)
+        referenced: set[str] = set()   # distinct shard paths, gathered block by block
+        for batch in self.batches("features", ["shard"]):
+            referenced.update(pc.unique(batch.column(0)).to_pylist())
         referenced_runs = {s.split("/")[1] for s in referenced if s and s.count("/") >= 2}
         removed = []
         sel = pafs.FileSelector(self.path_of("samples"), allow_not_found=True)
@@ -229,3 +293,124 @@ class Store:
                 self.fs.delete_dir(info.path)
                 removed.append(run)
         return removed
+
+
+class RowGroups:
+    """Rows in, Parquet row groups of exactly ``size`` rows out (the last one at ``drain``): the
+    buffering both the run's spills and its data files write through."""
+
+    def __init__(self, schema: pa.Schema, size: int):
+        self.schema, self.size = schema, size
+        self._pending: list[pa.Table] = []
+        self._rows = 0
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> Iterator[pa.Table]:
+        """Buffer ``batch``; yield every full row group it completes."""
+        if batch.num_rows == 0:
+            return
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        self._pending.append(table.select(self.schema.names).cast(self.schema))
+        self._rows += table.num_rows
+        while self._rows >= self.size:
+            yield self._take(self.size)
+
+    def drain(self) -> Iterator[pa.Table]:
+        if self._rows:
+            yield self._take(self._rows)
+
+    def _take(self, rows: int) -> pa.Table:
+        table = pa.concat_tables(self._pending)
+        rest = table.slice(rows)
+        self._pending, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
+        return table.slice(0, rows)
+
+
+class DataFiles:
+    """The Parquet data files one run writes into a table's folder: rows stream in, files of up
+    to FILE_ROWS rows in row groups of GROUP_ROWS go out (pyarrow, memory bounded by one row
+    group); ``Store.commit`` makes them visible in one transaction. Named after the run, so that
+    ``Store.recover`` can remove the files of a run that died before committing. Written with
+    pyarrow rather than delta-rs's writer: that one buffers whole files (1.3 GB of a 100k-row
+    commit) and cannot be fed a stream that reads the table it writes."""
+
+    FILE_ROWS = 250_000
+    GROUP_ROWS = 8192
+    PREFIX = "part-mmpipe-"
+
+    def __init__(self, store: Store, which: str, run_id: str):
+        self.store, self.which, self.run_id = store, which, run_id
+        self.schema = FEATURES_SCHEMA if which == "features" else REJECTS_SCHEMA
+        self.adds: list = []
+        self._groups = RowGroups(self.schema, self.GROUP_ROWS)
+        self._writer = None
+        self._name = ""
+        self._rows = 0
+
+    @classmethod
+    def run_of(cls, name: str) -> str:
+        """The run id in a data file's name ('' for files mmpipe did not write this way)."""
+        if not name.startswith(cls.PREFIX):
+            return ""
+        return name[len(cls.PREFIX):].rsplit("-", 1)[0]
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        for group in self._groups.add(batch):
+            self._write_group(group)
+
+    def _write_group(self, group: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._name = f"{self.PREFIX}{self.run_id}-{len(self.adds):05d}.parquet"
+            path = self.store.path_of(self.which, self._name)
+            self.store.fs.create_dir(self.store.path_of(self.which), recursive=True)
+            self._writer = pq.ParquetWriter(self.store.fs.open_output_stream(path), self.schema, compression="snappy")
+        self._writer.write_table(group, row_group_size=group.num_rows)
+        self._rows += group.num_rows
+        if self._rows >= self.FILE_ROWS:
+            self._finish_file()
+
+    def _finish_file(self) -> None:
+        from deltalake.transaction import AddAction
+
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        path = self.store.path_of(self.which, self._name)
+        size = self.store.fs.get_file_info(path).size
+        self.adds.append(AddAction(self._name, size, {}, int(time.time() * 1000), True,
+                                   json.dumps({"numRecords": self._rows})))
+        self._rows = 0
+
+    def close(self) -> list:
+        for group in self._groups.drain():
+            self._write_group(group)
+        self._finish_file()
+        return self.adds
+
+    def rewrite_without(self, path: str, delete: pa.Array) -> bool:
+        """If the stored file ``path`` holds a key in ``delete``, write its other rows into this
+        run's files and return True (the caller removes the file)."""
+        import pyarrow.parquet as pq
+
+        full = self.store.path_of(self.which, path)
+        with self.store.fs.open_input_file(full) as f:
+            pf = pq.ParquetFile(f)
+            if not pc.any(pc.is_in(row_keys(pf.read(columns=_key_columns(self.which)), self.which), value_set=delete)).as_py():
+                return False
+            for g in range(pf.num_row_groups):
+                group = pf.read_row_group(g)
+                self.write(group.filter(pc.invert(pc.is_in(row_keys(group, self.which), value_set=delete))))
+        return True
+
+
+def _key_columns(which: str) -> list[str]:
+    return ["id", "aug"] if which == "features" else ["id"]
+
+
+def row_keys(table: pa.Table | pa.RecordBatch, which: str) -> pa.Array:
+    """A row's key as one string: ``id`` (rejects) or ``id<TAB>aug`` (features)."""
+    if which != "features":
+        return table.column("id")
+    return pc.binary_join_element_wise(table.column("id"), pc.cast(table.column("aug"), pa.string()), "\t")

@@ -14,9 +14,39 @@ import ray
 
 from core.config import Config, Resources
 from pipeline.plan import StageSpec
+from pipeline.spill import Spill
 from core.schema import normalize_batch
 from stages.base import (STATS_COLUMN, Batch, StageContext, decode_stats, encode_stats, match_library_threads, num_rows,
                          object_column, rows_to_batch)
+
+@dataclass
+class PlanRows:
+    """The rows a processing pass takes: a list (a small plan, ``predict``) or a spill read block
+    by block, never whole (a streamed plan)."""
+
+    rows: list[dict] | None = None
+    spill: Spill | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else self.spill.rows if self.spill is not None else 0
+
+    def all(self) -> list[dict]:
+        return self.rows if self.rows is not None else list(self.spill.dicts()) if self.spill is not None else []
+
+    def chunks(self, size: int) -> Iterator[list[dict]]:
+        if self.rows is not None:
+            for k in range(0, len(self.rows), size):
+                yield self.rows[k:k + size]
+            return
+        chunk: list[dict] = []
+        for row in self.spill.dicts() if self.spill is not None else ():
+            chunk.append(row)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
 
 TASKS_IN_FLIGHT = 4   # Ray Data tasks queued per actor
 BLOCKS_PER_CPU = 8    # blocks at least, where the rows allow: the last ones keep every actor busy
@@ -91,8 +121,7 @@ class StageChain:
         block (``Stage.whole_block``: dedup, one index round trip per block, not per piece). The
         stages see rows in block order, so the result does not depend on the block size."""
         if self.inputs is not None:
-            chunks = ray.get([self.inputs[k] for k in batch[INPUT_BLOCK]])
-            batch = rows_to_batch([row for chunk in chunks for row in chunk])
+            batch = rows_to_batch([row for k in batch[INPUT_BLOCK] for row in _input_rows(self.inputs[k])])
         batch = self.run_block(batch)
         if not num_rows(batch):
             return
@@ -126,6 +155,16 @@ class StageChain:
         if n:
             batch[STATS_COLUMN] = object_column([encode_stats(records)] + [""] * (n - 1))
         return batch
+
+
+def _input_rows(source) -> list[dict]:
+    """One input block's rows: an object-store reference, or (path, row group) of a plan spill."""
+    if isinstance(source, tuple):
+        import pyarrow.parquet as pq
+
+        path, group = source
+        return pq.ParquetFile(path).read_row_group(group).to_pylist()
+    return ray.get(source)
 
 
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
@@ -167,20 +206,27 @@ def block_rows(n_rows: int, groups: list[Group], cfg: Config, num_cpus: int) -> 
     return max(largest, min(cfg.execution.block_rows, spread))
 
 
-def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config,
-                  num_cpus: int, shards: dict | None = None, drop_media: bool = False) -> "ray.data.Dataset":
+def build_dataset(rows: PlanRows | list[dict], specs: list[StageSpec], context: StageContext, cfg: Config,
+                  num_cpus: int, shards: dict | None = None, drop_media: bool = False,
+                  shared_disk: bool = True) -> "ray.data.Dataset":
     """The processing pass as a lazy Ray Dataset (nothing runs until it is iterated). With
     ``shards`` ({store_uri, run_id, max_count}) the last actor pool writes the samples' shards;
     either that or ``drop_media`` keeps the media bytes in the actors (``has_<modality>`` says
     what each row had)."""
     # No stages still makes one pool: it turns the input references back into rows.
     groups = group_stages(specs, cfg.execution.fuse) or [Group([], Resources(batch_size=cfg.execution.batch_size))]
+    rows = rows if isinstance(rows, PlanRows) else PlanRows(rows)
     per_block = block_rows(len(rows), groups, cfg, num_cpus)
-    # Each block's rows go to the object store as they are, one pickled list (a memory copy of its
-    # media); the first pool's actors make their numpy batches from them. ``from_items`` turned
-    # every row into Arrow in the driver and the actors turned it back: 0.85 s of the driver's CPU
-    # at 30000 media rows against 0.4 s for the puts, before any actor could start (RESULTS.md).
-    inputs = [ray.put(rows[k:k + per_block]) for k in range(0, len(rows), per_block)] or [ray.put([])]
+    if rows.spill is not None and shared_disk and rows.spill.group_rows == per_block:
+        # A streamed plan on one machine: each task reads its block's row group of the plan spill.
+        inputs: list = rows.spill.groups()
+    else:
+        # Each block's rows go to the object store as they are, one pickled list (a memory copy of
+        # its media); the first pool's actors make their numpy batches from them. ``from_items``
+        # turned every row into Arrow in the driver and the actors turned it back: 0.85 s of the
+        # driver's CPU at 30000 media rows against 0.4 s for the puts (RESULTS.md).
+        inputs = [ray.put(chunk) for chunk in rows.chunks(per_block)]
+    inputs = inputs or [ray.put([])]
     blocks = len(inputs)
     ds = ray.data.from_items([{INPUT_BLOCK: k} for k in range(blocks)], override_num_blocks=blocks)
     for k, g in enumerate(groups):
@@ -212,7 +258,7 @@ def build_dataset(rows: list[dict], specs: list[StageSpec], context: StageContex
     return ds
 
 
-def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, batch_size: int) -> Iterable[Batch]:
+def run_local(rows: PlanRows | list[dict], specs: list[StageSpec], context: StageContext, batch_size: int) -> Iterable[Batch]:
     """The same stages, fused into one chain, in this process: the small-plan fast path. With the
     threads of a 1-CPU actor: a BLAS or OpenCV reduction over more threads sums in another order,
     and the driver's features must equal the actors' bit for bit."""
@@ -224,24 +270,24 @@ def run_local(rows: list[dict], specs: list[StageSpec], context: StageContext, b
     cv2.setNumThreads(1)
     try:
         with threadpool_limits(limits=1):
-            for k in range(0, len(rows), batch_size):
-                part = rows[k:k + batch_size]
+            for part in (rows if isinstance(rows, PlanRows) else PlanRows(rows)).chunks(batch_size):
                 yield from chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
     finally:
         cv2.setNumThreads(cv_threads)
 
 
-def runs_locally(rows: list[dict], specs: list[StageSpec], cfg: Config) -> bool:
+def runs_locally(rows: PlanRows | list[dict], specs: list[StageSpec], cfg: Config) -> bool:
     return 0 < len(rows) <= cfg.execution.local_max_rows and not any(s.resources.num_gpus for s in specs)
 
 
-def process(rows: list[dict], specs: list[StageSpec], context: StageContext, cfg: Config, num_cpus: int,
-            local: bool, shards: dict | None = None) -> Iterable[Batch]:
+def process(rows: PlanRows | list[dict], specs: list[StageSpec], context: StageContext, cfg: Config, num_cpus: int,
+            local: bool, shards: dict | None = None, shared_disk: bool = True) -> Iterable[Batch]:
     """The processing pass: in this process for small plans, else through Ray Data actor pools
-    (whose last pool writes the shards when ``shards`` is given)."""
+    (whose last pool writes the shards when ``shards`` is given). ``shared_disk``: the actors can
+    read this machine's files (Ray runs here), so a spilled plan is read by the tasks themselves."""
     if local:
         return run_local(rows, specs, context, cfg.execution.batch_size)
-    return iter_output(build_dataset(rows, specs, context, cfg, num_cpus, shards))
+    return iter_output(build_dataset(rows, specs, context, cfg, num_cpus, shards, shared_disk=shared_disk))
 
 
 def shards_in_actors(cfg: Config, store_is_local: bool, remote: bool) -> bool:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
 from core.config import Config
 from core.store import Store
-from pipeline.execution import cluster_facts, ensure_ray, process, runs_locally, stage_metrics
+from pipeline.execution import PlanRows, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
 from pipeline.plan import Lineage, Plan, StageSpec, fingerprints, make_plan, resolve_stages, scan_spec
 from pipeline.sources import SourceRecord
 from stages.base import Batch, RunScope, Stage, StageContext, StageStats, object_column
@@ -32,6 +32,7 @@ class Pipeline:
     info: dict[str, Any] = field(default_factory=dict)   # cluster facts (``execution.cluster_facts``)
     include: Callable[[type[Stage]], bool] = lambda stage: True
     local: bool = True                                   # the last pass ran in this process
+    scan_stats: StageStats | None = None                 # what the last ``scan_chunks`` did
     _open: dict[type[Stage], RunScope] = field(default_factory=dict)   # hooks to close, in order
     _failed: bool = False
 
@@ -103,45 +104,67 @@ class Pipeline:
         self.close()
 
     # -- phases -------------------------------------------------------------------------------
-    def scan_records(self, records: list[SourceRecord]) -> tuple[list[dict], StageStats]:
-        """Pass 1: resolve, fetch and hash every record (small output, no media bytes). On a
-        cluster in Ray actors near the data; on one machine in this process (an actor pool's
-        start-up is the main fixed cost of a small incremental run)."""
-        rows = [_scan_row(rec) for rec in records]
+    def scan_chunks(self, chunks: Iterable[list[SourceRecord]]) -> Iterator[list[dict]]:
+        """Pass 1, chunk by chunk: resolve, fetch and hash every record (small output, no media
+        bytes). On a cluster in Ray actors near the data; on one machine in this process (an actor
+        pool's start-up is the main fixed cost of a small incremental run). What the scan did
+        is ``self.scan_stats`` once the chunks are consumed."""
         cls = self.scan.cls
-        self.open_stages([self.scan], local=not self.info.get("remote"))
-        if self.info.get("remote"):
-            return _scan_remote(rows, self.scan, self.context, self.info["num_cpus"])
-        stage = cls(self.scan.params, self.context)
+        remote = bool(self.info.get("remote"))
+        self.open_stages([self.scan], local=not remote)
+        stage = None if remote else cls(self.scan.params, self.context)
         outputs = sorted(cls.columns("writes"))
-        out = []
-        for k in range(0, len(rows), SCAN_BATCH):
-            chunk = rows[k:k + SCAN_BATCH]
-            batch = stage({key: object_column([r[key] for r in chunk]) for key in chunk[0]})
-            out += [{c: batch[c][i] for c in outputs} for i in range(len(chunk))]
-        stats = stage.take_stats()
-        metrics = stage_metrics()   # the same per-stage metrics the actors export
-        if metrics is not None:
-            metrics.record(stats)
-        return out, stats
+        self.scan_stats = StageStats(self.scan.name)
+        for records in chunks:
+            rows = [_scan_row(rec) for rec in records]
+            if not rows:
+                continue
+            if remote:
+                out, stats = _scan_remote(rows, self.scan, self.context, self.info["num_cpus"])
+                self.scan_stats.add(stats)
+                yield out
+                continue
+            out = []
+            for k in range(0, len(rows), SCAN_BATCH):
+                chunk = rows[k:k + SCAN_BATCH]
+                batch = stage({key: object_column([r[key] for r in chunk]) for key in chunk[0]})
+                out += [{c: batch[c][i] for c in outputs} for i in range(len(chunk))]
+            yield out
+        if stage is not None:
+            stats = stage.take_stats()
+            metrics = stage_metrics()   # the same per-stage metrics the actors export
+            if metrics is not None:
+                metrics.record(stats)
+            self.scan_stats.add(stats)
+
+    def scan_records(self, records: list[SourceRecord]) -> tuple[list[dict], StageStats]:
+        """Pass 1 over records held in memory (``predict``, the plain baseline)."""
+        out = [row for rows in self.scan_chunks([records]) for row in rows]
+        return out, self.scan_stats
 
     def plan(self, scanned: list[dict], lineage: Lineage, dedup: bool = True) -> Plan:
         return make_plan(scanned, lineage, self.fps, self.cfg, dedup=dedup)
 
-    def process(self, plan: Plan, shards: Callable[[bool], dict | None] = lambda local: None,
-                log: Callable[[str], None] = lambda _: None) -> Iterable[Batch]:
+    def process(self, plan: Plan | PlanRows, shards: Callable[[bool], dict | None] = lambda local: None,
+                log: Callable[[str], None] = lambda _: None, removed: frozenset[str] = frozenset()) -> Iterable[Batch]:
         """The processing pass over the plan's rows: in this process for a small plan, else in Ray
         Data actor pools (Ray started now if it was not). ``shards(local)`` says where the last
-        pool writes the samples' shards (None: the caller does)."""
-        if not plan.rows:
+        pool writes the samples' shards (None: the caller does). ``removed``: the stored ids the
+        run removes (the stages' run hooks see them)."""
+        if isinstance(plan, Plan):
+            rows, removed = PlanRows(plan.rows), frozenset(plan.removed)
+        else:
+            rows = plan
+        if not len(rows):
             return iter(())
-        local = runs_locally(plan.rows, self.specs, self.cfg)
+        local = runs_locally(rows, self.specs, self.cfg)
         if not local and not self.info.get("ray_started"):
             self.info = ensure_ray(self.cfg, self.info, log)
             self.specs = self._resolve(self.info["num_cpus"])
-        self.open_stages(self.specs, local, frozenset(plan.removed))
+        self.open_stages(self.specs, local, removed)
         self.local = local
-        return process(plan.rows, self.specs, self.context, self.cfg, self.info["num_cpus"], local, shards(local))
+        return process(rows, self.specs, self.context, self.cfg, self.info["num_cpus"], local, shards(local),
+                       shared_disk=not self.info.get("remote"))
 
 
 def _originals():
@@ -175,8 +198,11 @@ def _scan_remote(rows: list[dict], spec: StageSpec, context: StageContext, num_c
     return [{c: r[c] for c in outputs} for r in out], stats
 
 
-def timed(seconds: dict[str, float], name: str):
-    """A context manager adding the wall seconds of a block to ``seconds[name]``."""
+def timed(seconds: dict[str, float], name: str, peaks: dict[str, float] | None = None):
+    """A context manager adding the wall seconds of a block to ``seconds[name]``; with ``peaks``,
+    this process's peak RSS (MiB) at the block's end goes to ``peaks[name]`` (the phase where the
+    peak first reaches its maximum is the one that made it)."""
+    import resource
     from contextlib import contextmanager
 
     @contextmanager
@@ -186,5 +212,7 @@ def timed(seconds: dict[str, float], name: str):
             yield
         finally:
             seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            if peaks is not None:
+                peaks[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     return _timer()

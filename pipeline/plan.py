@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
@@ -231,7 +231,7 @@ class Plan:
         return {r["id"] for r in self.rows} | {r["id"] for r in self.rejects}
 
 
-def _assign_ids(scanned: list[dict], cfg: Config) -> None:
+def assign_ids(scanned: list[dict], cfg: Config) -> None:
     for r in scanned:
         r["sha_sample"] = _h(r["sha_image"] or r.get("image_ref") or "", r["sha_text"],
                              r["sha_audio"] or r.get("audio_ref") or "", r["label"])
@@ -244,16 +244,39 @@ def _assign_ids(scanned: list[dict], cfg: Config) -> None:
                      reject_detail=f"split must be train, val or test, not {r['split']!r}")
 
 
-def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config, dedup: bool = True) -> Plan:
-    scanned = sorted(scanned, key=lambda r: r["row"])
-    _assign_ids(scanned, cfg)
-    seen: dict[str, dict] = {}
-    by_content: dict[str, str] = {}   # exact whole-sample duplicates: the first in input order is kept
-    rows, rejects, unchanged, partial = [], [], set(), set()
-    for r in scanned:
-        kept = by_content.setdefault(r["sha_sample"], r["id"]) if dedup and not r["reject_reason"] else r["id"]
+def mark_content_duplicates(rows: list[dict]) -> None:
+    """Exact whole-sample duplicates among ``rows`` (in input order, not rejected by the scan):
+    the first keeps its place, the others become ``duplicate`` rejects naming its id. The rows
+    sharing a content hash must all be here (a streamed plan groups them by hash)."""
+    by_content: dict[str, str] = {}
+    for r in rows:
+        if r["reject_reason"]:
+            continue
+        kept = by_content.setdefault(r["sha_sample"], r["id"])
         if kept != r["id"]:
             r.update(reject_stage="ingest", reject_reason="duplicate", reject_detail=kept)
+
+
+def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config, dedup: bool = True) -> Plan:
+    """The whole plan of rows held in memory (one bucket of a streamed plan, or a small input)."""
+    plan, candidates = plan_rows(scanned, lineage, fps, cfg, dedup)
+    redo_ids = plan.processed_ids | plan.removed
+    reexamine(plan, candidates, redo_ids.__contains__)
+    return plan
+
+
+def plan_rows(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config,
+              dedup: bool = True) -> tuple[Plan, list[dict]]:
+    """Decide each row against what the store holds. Returns the plan and the rows it left
+    unchanged that are stored duplicates (``reexamine`` looks at them again once every row whose
+    change they depend on is known)."""
+    scanned = sorted(scanned, key=lambda r: r["row"])
+    assign_ids(scanned, cfg)
+    if dedup:
+        mark_content_duplicates(scanned)
+    seen: dict[str, dict] = {}
+    rows, rejects, unchanged, partial = [], [], set(), set()
+    for r in scanned:
         first = seen.get(r["id"])
         if first is not None:   # a repeated id: keep the first, record the rest under a derived id
             n = sum(1 for k in seen if k.startswith(r["id"] + "~")) + 2
@@ -285,20 +308,34 @@ def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: C
     input_ids = [r["id"] for r in scanned]
     live = set(input_ids)
     removed = (set(lineage.features) | set(lineage.rejects)) - live
-    # A duplicate whose kept row changes, is rejected now or disappears must be looked at again.
-    redo_ids = {r["id"] for r in rows} | {r["id"] for r in rejects} | removed
-    for r in scanned:
-        if r["id"] in unchanged:
-            old = lineage.rejects.get(r["id"])
-            if old and old["reason"] == "duplicate" and old["detail"] in redo_ids:
-                unchanged.discard(r["id"])
-                if r["reject_reason"]:
-                    rejects.append(r)
-                else:
-                    r["redo"] = ",".join(m for m in MODALITIES if r[f"sha_{m}"])
-                    r["keep"] = ""
-                    rows.append(r)
-    return Plan(rows, rejects, unchanged, removed, partial, input_ids)
+    # A stored duplicate is looked at again when its kept row changes, is rejected now or disappears.
+    candidates = [r for r in scanned if r["id"] in unchanged and _stored_duplicate(r["id"], lineage)]
+    for r in candidates:
+        r["kept_id"] = lineage.rejects[r["id"]]["detail"]
+    return Plan(rows, rejects, unchanged, removed, partial, input_ids), candidates
+
+
+def _stored_duplicate(rid: str, lineage: Lineage) -> bool:
+    old = lineage.rejects.get(rid)
+    return bool(old) and old["reason"] == "duplicate"
+
+
+def reexamine(plan: Plan, candidates: list[dict], redone: Callable[[str], bool]) -> list[dict]:
+    """Stored duplicates whose kept row is processed, rejected or removed by this run go back into
+    the plan (in input order). Returns them."""
+    back = []
+    for r in candidates:
+        if not redone(r.pop("kept_id")):
+            continue
+        plan.unchanged.discard(r["id"])
+        if r["reject_reason"]:
+            plan.rejects.append(r)
+        else:
+            r["redo"] = ",".join(m for m in MODALITIES if r[f"sha_{m}"])
+            r["keep"] = ""
+            plan.rows.append(r)
+        back.append(r)
+    return back
 
 
 def _redo(r: dict, lineage: Lineage, fps: dict[str, str]) -> str | set[str]:

@@ -9,20 +9,22 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.config import Config
-from core.schema import FEATURES_SCHEMA, reject_record
-from core.store import Store
-from pipeline.execution import shards_in_actors
+from core.schema import FEATURES_SCHEMA
+from core.store import Store, row_keys
+from pipeline.execution import PlanRows, shards_in_actors
+from pipeline.incremental import Planner, StreamedPlan
+from pipeline.spill import Spill
 from pipeline.orchestration import Pipeline, timed
-from pipeline.plan import Lineage, Plan, read_lineage
-from pipeline.sinks import RunSink, SinkResult, rejects_table
-from pipeline.sources import read_source
+from pipeline.sinks import RunSink, SinkResult
+from pipeline.sources import iter_source, source_size
 from stages.base import MODALITIES, StageStats
 
 
@@ -43,45 +45,73 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def _fill_partial(new: pa.Table, store: Store, partial: set[str]) -> pa.Table:
-    """Rows that recomputed only some modalities take the others from the stored row."""
-    if not partial or new.num_rows == 0:
-        return new
-    old = store.read("features", filter=pc.field("id").isin(list(partial)),
-                     columns=["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES])
-    by_key = {(r["id"], r["aug"]): r for r in old.to_pylist()}
-    rows = new.to_pylist()
-    for r in rows:
-        if not r["keep"]:
-            continue
-        prev = by_key.get((r["id"], r["aug"]))
-        if prev is None:
-            raise RuntimeError(f"stored row {r['id']} aug={r['aug']} vanished during the run")
-        for m in r["keep"].split(","):
-            r[f"has_{m}"], r[f"{m}_emb"] = prev[f"has_{m}"], prev[f"{m}_emb"]
-    return pa.Table.from_pylist(rows, schema=new.schema)
+PARTIAL_CHUNK = 100_000   # partial rows filled from the store per pass over the staged features
 
 
-def commit(store: Store, plan: Plan, lineage: Lineage, sink: SinkResult, run_id: str, dims: dict) -> dict:
-    """One Delta commit per table: upsert what this run produced, delete what it superseded."""
-    rejects = rejects_table([reject_record(r, run_id) for r in plan.rejects] + sink.rejects)
-    rejected_ids = set(rejects["id"].to_pylist())
+def _staged_batches(staged: list[Path], columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    for path in staged:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=8192, columns=columns)
+
+
+def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: Path) -> Spill:
+    """Rows that recomputed only some modalities (``keep``) take the others from the stored row,
+    ``PARTIAL_CHUNK`` ids per pass over the staged rows; written to a spill (the Delta writer
+    reads the stream inside its own runtime, which cannot open the table again)."""
     schema = FEATURES_SCHEMA.append(pa.field("keep", pa.string()))
-    new = pa.concat_tables([pq.read_table(p) for p in sink.staged]) if sink.staged else schema.empty_table()
-    new = new.filter(pc.invert(pc.is_in(new["id"], pa.array(sorted(rejected_ids), pa.string()))))
-    new = _fill_partial(new, store, plan.partial).drop_columns(["keep"])
-    touched = plan.processed_ids | plan.removed
-    new_keys = set(zip(new["id"].to_pylist(), new["aug"].to_pylist()))
-    stale = [(i, a) for i in touched for a in lineage.keys.get(i, []) if (i, a) not in new_keys]
-    feature_tombs = pa.table({"id": pa.array([k[0] for k in stale], pa.string()),
-                              "aug": pa.array([k[1] for k in stale], pa.int32())})
-    reject_tombs = pa.table({"id": pa.array(sorted(i for i in touched if i in lineage.rejects and i not in rejected_ids), pa.string())})
-    meta = {"mmpipe.dims": json.dumps(dims)}
-    v_features = store.merge("features", new, feature_tombs, run_id, meta)
+    filled = Spill(folder / "partial.parquet", FEATURES_SCHEMA)
+    partial: list[str] = []
+    for batch in _staged_batches(staged, ["id", "aug", "keep"]):
+        keep = pc.and_(pc.not_equal(batch["keep"], ""), pc.invert(pc.is_in(batch["id"], value_set=rejected)))
+        partial += batch.filter(pc.and_(keep, pc.equal(batch["aug"], 0)))["id"].to_pylist()
+    for k in range(0, len(partial), PARTIAL_CHUNK):
+        ids = pa.array(partial[k:k + PARTIAL_CHUNK], pa.string())
+        old = store.read("features", filter=pc.field("id").isin(ids),
+                         columns=["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES])
+        by_key = {(r["id"], r["aug"]): r for r in old.to_pylist()}
+        for batch in _staged_batches(staged):
+            rows = batch.filter(pc.and_(pc.not_equal(batch["keep"], ""), pc.is_in(batch["id"], value_set=ids))).to_pylist()
+            for r in rows:
+                prev = by_key.get((r["id"], r["aug"]))
+                if prev is None:
+                    raise RuntimeError(f"stored row {r['id']} aug={r['aug']} vanished during the run")
+                for m in r["keep"].split(","):
+                    r[f"has_{m}"], r[f"{m}_emb"] = prev[f"has_{m}"], prev[f"{m}_emb"]
+            filled.add(pa.Table.from_pylist(rows, schema=schema))
+    return filled.close()
+
+
+def _new_features(staged: list[Path], filled: Spill, rejected: pa.Array) -> Iterator[pa.RecordBatch]:
+    """The staged feature rows to commit, batch by batch: rows under a rejected id left out (the
+    augmented copies of a rejected original), partial rows as ``_fill_partial`` completed them."""
+    for batch in _staged_batches(staged):
+        yield batch.filter(pc.and_(pc.equal(batch["keep"], ""), pc.invert(pc.is_in(batch["id"], value_set=rejected)))
+                           ).drop_columns(["keep"])
+    yield from filled.batches()
+
+
+def commit(store: Store, plan: StreamedPlan, sink: SinkResult, run_id: str, dims: dict) -> dict:
+    """One Delta transaction per table: the run's rows written as new data files, the stored rows
+    it supersedes (every stored key of an id it touched) removed by rewriting the files that hold
+    them. Everything streams from the run's spills; the driver holds ids and keys, never rows."""
+    rejected = pc.unique(plan.rejects.table(["id"])["id"].combine_chunks())
+    run_rejects: Counter = Counter()
+    for batch in plan.rejects.batches(["reason"]):
+        for item in pc.value_counts(batch.column(0)).to_pylist():
+            run_rejects[item["values"]] += item["counts"]
+    filled = _fill_partial(store, sink.staged, rejected, plan.rows.path.parent)
+    features, written = store.data_files("features", run_id), 0
+    for batch in _new_features(sink.staged, filled, rejected):
+        features.write(batch)
+        written += batch.num_rows
+    stale = row_keys(plan.feature_tombs.table(), "features").combine_chunks()
+    v_features = store.commit("features", features, stale, run_id, {"mmpipe.dims": json.dumps(dims)})
     _fault_point("between_commits")
-    v_rejects = store.merge("rejects", rejects, reject_tombs, run_id)
+    rejects = store.data_files("rejects", run_id)
+    for batch in plan.rejects.batches():
+        rejects.write(batch)
+    v_rejects = store.commit("rejects", rejects, plan.reject_tombs.table()["id"].combine_chunks(), run_id)
     return {"features_version": v_features, "rejects_version": v_rejects,
-            "rows_written": new.num_rows, "run_rejects": Counter(rejects["reason"].to_pylist())}
+            "rows_written": written, "run_rejects": run_rejects}
 
 
 def _stage_table(stats: dict[str, StageStats]) -> dict[str, dict]:
@@ -92,37 +122,42 @@ def _stage_table(stats: dict[str, StageStats]) -> dict[str, dict]:
 
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
-    """Resolve, read, scan, plan, process, commit, record: one run, its phases timed."""
+    """Resolve, read and scan, plan, process, commit, record: one run, its phases timed. Every
+    phase streams: the source in chunks, the plan bucket by bucket on local spills, the rows
+    through the stages block by block, the commit from the staged files."""
     store = Store(cfg.store)
     run_id = new_run_id()
     pipe = Pipeline.build(cfg, run_id, store)   # every stage validated before any data is read
-    records = read_source(cfg.source)
-    started, phases = time.time(), {}
+    expected = source_size(cfg.source)
+    started, phases, peaks = time.time(), {}, {}
     with store.lock(run_id), pipe:
         if pipe.info.get("dashboard_url"):
             log(f"Ray dashboard: http://{pipe.info['dashboard_url']}")
         store.recover()
-        with timed(phases, "lineage"):
-            lineage = read_lineage(store)
-        pipe.start_early(len(records) - len(lineage.keys.keys() | lineage.rejects.keys()))
-        with timed(phases, "scan"):
-            scanned, scan_stats = pipe.scan_records(records)
-        with timed(phases, "plan"):
-            plan = pipe.plan(scanned, lineage)
-        log(f"run {run_id}: {len(records)} input, {len(plan.rows)} to process, "
-            f"{len(plan.unchanged)} unchanged, {len(plan.removed)} removed, {len(plan.rejects)} rejected at ingest")
         staging = store.local_dir("_staging", run_id)
-        sink = RunSink(store, run_id, pipe.fps, staging, cfg.execution.shard_max_count)
-        sink.add_stats(scan_stats)
-        with timed(phases, "process"):
-            for batch in pipe.process(plan, lambda local: _actor_shards(cfg, store, run_id, pipe.info, local), log):
+        planner = Planner(store, pipe.fps, cfg, run_id, staging / "plan", expected)
+        pipe.start_early(expected - store.count("features", pc.field("aug") == 0) - store.count("rejects"))
+        with timed(phases, "scan", peaks):
+            for scanned in pipe.scan_chunks(iter_source(cfg.source, cfg.execution.scan_chunk_rows)):
+                planner.add(scanned)
+        with timed(phases, "plan", peaks):
+            plan = planner.finish()
+        log(f"run {run_id}: {plan.input} input, {plan.to_process} to process, {plan.unchanged} unchanged, "
+            f"{plan.removed} removed, {plan.planned_rejects} rejected at ingest")
+        sink = RunSink(store, run_id, pipe.fps, staging, cfg.execution.shard_max_count, rejects=plan.rejects)
+        sink.add_stats(pipe.scan_stats)
+        with timed(phases, "process", peaks):
+            batches = pipe.process(PlanRows(spill=plan.rows),
+                                   lambda local: _actor_shards(cfg, store, run_id, pipe.info, local), log,
+                                   removed=plan.removed_set() if plan.removed else frozenset())
+            for batch in batches:
                 sink.add(batch)
                 _fault_point("during_stages")
             result = sink.close()
         _fault_point("before_commit")
-        with timed(phases, "commit"):
-            committed = commit(store, plan, lineage, result, run_id, result.dims)
-    record = _record(cfg, store, run_id, plan, result, committed, started, phases, pipe)
+        with timed(phases, "commit", peaks):
+            committed = commit(store, plan, result, run_id, result.dims)
+    record = _record(cfg, store, run_id, plan, result, committed, started, phases, pipe, peaks)
     _fault_point("before_record")
     store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
     shutil.rmtree(staging, ignore_errors=True)
@@ -138,8 +173,8 @@ def _actor_shards(cfg: Config, store: Store, run_id: str, info: dict, local: boo
     return {"store_uri": store.uri, "run_id": run_id, "max_count": cfg.execution.shard_max_count}
 
 
-def _record(cfg: Config, store: Store, run_id: str, plan: Plan, result: SinkResult, committed: dict,
-            started: float, phases: dict[str, float], pipe: Pipeline) -> dict:
+def _record(cfg: Config, store: Store, run_id: str, plan: StreamedPlan, result: SinkResult, committed: dict,
+            started: float, phases: dict[str, float], pipe: Pipeline, peaks: dict[str, float]) -> dict:
     by_reason = store.value_counts("rejects", "reason")
     return {
         "run_id": run_id,
@@ -147,10 +182,10 @@ def _record(cfg: Config, store: Store, run_id: str, plan: Plan, result: SinkResu
         "wall_s": round(time.time() - started, 2),
         "process_s": phases.get("process", 0.0),
         "store": store.uri,
-        "counts": {"input": len(plan.input_ids), "accepted": store.count("features", pc.field("aug") == 0),
+        "counts": {"input": plan.input, "accepted": store.count("features", pc.field("aug") == 0),
                    "rejected": sum(by_reason.values()),
-                   "processed": len(plan.rows) + len(plan.rejects), "unchanged": len(plan.unchanged),
-                   "removed": len(plan.removed), "partial": len(plan.partial),
+                   "processed": plan.to_process + plan.planned_rejects, "unchanged": plan.unchanged,
+                   "removed": plan.removed, "partial": plan.partial,
                    "feature_rows_written": committed["rows_written"],
                    "aug_rejected": result.aug_rejected, "samples_written": result.samples_written},
         "rejects_by_reason": by_reason,
@@ -161,6 +196,8 @@ def _record(cfg: Config, store: Store, run_id: str, plan: Plan, result: SinkResu
         "cluster": dict(pipe.info),
         "fingerprints": {s.name: s.fingerprint for s in pipe.specs},
         "phases_s": phases,
+        "driver_peak_rss_mb": peaks,   # this process's peak RSS at the end of each phase
+        "plan_buckets": plan.buckets,
         "execution": "driver" if pipe.local else "ray-data",
         "shard_writer": "driver" if pipe.local or not shards_in_actors(cfg, store.is_local, pipe.info["remote"]) else "actors",
         "config": cfg.model_dump(mode="json"),

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch, reject_record
 from core.store import Store
+from pipeline.spill import Spill
 from stages.base import MODALITIES, STATS_COLUMN, Batch, StageStats, decode_stats, num_rows
 from stages.media import image_format
 
@@ -163,7 +164,8 @@ def drop_media(batch: Batch) -> Batch:
 
 @dataclass
 class SinkResult:
-    rejects: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)   # the stages' reject records (when not spilled)
+    rejected: int = 0
     aug_rejected: int = 0
     stage_stats: dict[str, StageStats] = field(default_factory=dict)   # stage -> the sum of its block records
     staged: list[Path] = field(default_factory=list)
@@ -174,8 +176,10 @@ class SinkResult:
 class RunSink:
     """Routes every processed row: accepted -> shards + staged features, rejected -> rejects."""
 
-    def __init__(self, store: Store, run_id: str, fps: dict[str, str], staging: Path, shard_max: int):
+    def __init__(self, store: Store, run_id: str, fps: dict[str, str], staging: Path, shard_max: int,
+                 rejects: Spill | None = None):
         self.run_id, self.fps = run_id, fps
+        self.rejects = rejects   # where reject records go (a run's spill); None: kept in the result
         self.shards = ShardSink(store, run_id, shard_max)
         self.staging = staging
         self.result = SinkResult()
@@ -191,12 +195,18 @@ class RunSink:
             return
         self._collect_stats(batch)
         accepted = [i for i in range(n) if not batch["reject_reason"][i]]
+        records = []
         for i in range(n):
             if batch["reject_reason"][i]:
                 if int(batch["aug"][i]) == 0:
-                    self.result.rejects.append(self._reject_row(batch, i))
+                    records.append(self._reject_row(batch, i))
                 else:
                     self.result.aug_rejected += 1
+        self.result.rejected += len(records)
+        if self.rejects is not None:
+            self.rejects.add_rows(records)
+        else:
+            self.result.rejects += records
         if accepted:
             self._stage_features(batch, accepted)
             self.result.samples_written += len(accepted)   # each in a shard: the actor's or the driver's

@@ -1,5 +1,5 @@
 """Sources: a manifest (JSONL / CSV / Parquet), a folder of files grouped by stem, or WebDataset
-shards. Each becomes a list of ``SourceRecord``; media stay references until ingest reads them."""
+shards. Each becomes a stream of ``SourceRecord`` chunks; media stay references until ingest reads them."""
 from __future__ import annotations
 
 import glob
@@ -8,6 +8,7 @@ import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -50,39 +51,60 @@ def _clean(value) -> str | None:
 
 
 def read_manifest(path: Path) -> list[SourceRecord]:
+    return [rec for chunk in iter_manifest(path) for rec in chunk]
+
+
+def iter_manifest(path: Path, chunk_rows: int = 10_000) -> Iterator[list[SourceRecord]]:
+    """The manifest's records in chunks of ``chunk_rows``, read as a stream (never the whole file)."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+        raise SourceError(f"unknown manifest type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+    base = str(path.parent.resolve())
+    n = 0
+    chunk: list[SourceRecord] = []
     try:
-        if suffix in (".jsonl", ".ndjson", ".json"):
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise SourceError(f"manifest {path} line {n} is not valid JSON: {exc.msg}") from None
-        elif suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True))
-            rows = table.to_pylist()
-        elif suffix == ".parquet":
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise SourceError(f"unknown manifest type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+        for row in _manifest_rows(path, suffix, chunk_rows):
+            chunk.append(_record(path, row, n, base))
+            n += 1
+            if len(chunk) >= chunk_rows:
+                yield chunk
+                chunk = []
     except (OSError, pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
-    base = str(path.parent.resolve())
-    records = []
-    for n, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise SourceError(f"manifest {path} row {n + 1} is not an object")
-        unknown = set(row) - MANIFEST_COLUMNS
-        if unknown:
-            raise SourceError(f"manifest {path} has unknown column(s): {', '.join(sorted(unknown))}")
-        records.append(SourceRecord(
-            row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
-            split=_clean(row.get("split")) or "", text=_clean(row.get("text")),
-            image=_clean(row.get("image")), audio=_clean(row.get("audio")), base=base))
-    return records
+    if chunk:
+        yield chunk
+
+
+def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[object]:
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SourceError(f"manifest {path} line {n} is not valid JSON: {exc.msg}") from None
+    elif suffix == ".csv":
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                convert_options=pacsv.ConvertOptions(
+                                    column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True))
+        for batch in reader:
+            yield from batch.to_pylist()
+    else:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            yield from batch.to_pylist()
+
+
+def _record(path: Path, row: object, n: int, base: str) -> SourceRecord:
+    if not isinstance(row, dict):
+        raise SourceError(f"manifest {path} row {n + 1} is not an object")
+    unknown = set(row) - MANIFEST_COLUMNS
+    if unknown:
+        raise SourceError(f"manifest {path} has unknown column(s): {', '.join(sorted(unknown))}")
+    return SourceRecord(
+        row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
+        split=_clean(row.get("split")) or "", text=_clean(row.get("text")),
+        image=_clean(row.get("image")), audio=_clean(row.get("audio")), base=base)
 
 
 def read_folder(root: Path) -> list[SourceRecord]:
@@ -146,6 +168,10 @@ def read_webdataset(pattern: str) -> list[SourceRecord]:
 
 
 def read_source(cfg: SourceConfig) -> list[SourceRecord]:
+    return [rec for chunk in iter_source(cfg) for rec in chunk]
+
+
+def _kind(cfg: SourceConfig) -> str:
     if not cfg.path:
         raise SourceError("no input given: pass --input PATH or set source.path in the config")
     path = Path(cfg.path)
@@ -157,12 +183,38 @@ def read_source(cfg: SourceConfig) -> list[SourceRecord]:
             kind = "webdataset"
         else:
             kind = "manifest"
-    if kind == "webdataset":
-        return read_webdataset(cfg.path)
-    if kind == "folder":
-        if not path.is_dir():
-            raise SourceError(f"input folder not found: {path}")
-        return read_folder(path)
-    if not path.is_file():
+    if kind == "folder" and not path.is_dir():
+        raise SourceError(f"input folder not found: {path}")
+    if kind == "manifest" and not path.is_file():
         raise SourceError(f"manifest not found: {path}")
-    return read_manifest(path)
+    return kind
+
+
+def iter_source(cfg: SourceConfig, chunk_rows: int = 10_000) -> Iterator[list[SourceRecord]]:
+    """The source's records in chunks, in input order. A manifest streams; a folder's or
+    WebDataset's listing is made first (one entry per file, media stay references)."""
+    kind = _kind(cfg)
+    if kind == "manifest":
+        yield from iter_manifest(Path(cfg.path), chunk_rows)
+        return
+    records = read_webdataset(cfg.path) if kind == "webdataset" else read_folder(Path(cfg.path))
+    for k in range(0, len(records), chunk_rows):
+        yield records[k:k + chunk_rows]
+
+
+def source_size(cfg: SourceConfig) -> int:
+    """About how many records the source holds, without parsing it: lines of a JSONL / CSV
+    manifest, a Parquet manifest's row count, files of a folder. For sizing, never for counts."""
+    kind = _kind(cfg)
+    path = Path(cfg.path)
+    if kind == "manifest":
+        if path.suffix.lower() == ".parquet":
+            try:
+                return pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):
+                return 0
+        with path.open("rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
+    if kind == "folder":
+        return sum(1 for p in path.rglob("*") if p.is_file())
+    return 0

@@ -2,6 +2,7 @@
 time travel, and one writer at a time."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -56,6 +57,9 @@ def go(folder: Path, manifest: Path, store: Path, overrides: dict | None = None)
     return run(config(folder, manifest, store, overrides), log=lambda s: None).record
 
 
+_go = go
+
+
 def test_second_identical_run_processes_nothing(own, tmp_path):
     folder, manifest = own
     first = go(folder, manifest, tmp_path / "s")
@@ -65,10 +69,13 @@ def test_second_identical_run_processes_nothing(own, tmp_path):
     assert second["versions"] == {"features": None, "rejects": None}   # no new commit either
 
 
-def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path):
+@pytest.mark.parametrize("bucket_rows", [100_000, 7], ids=["one-bucket", "15-buckets"])
+def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path, bucket_rows):
+    """Also with the plan streamed through 15 id buckets: the same decisions, rows and commits."""
     folder, manifest = own
     store = tmp_path / "s"
-    go(folder, manifest, store)
+    go = functools.partial(_go, overrides={"execution": {"plan_bucket_rows": bucket_rows}})
+    assert go(folder, manifest, store)["plan_buckets"] == (1 if bucket_rows > N else 15)
     v0 = DeltaTable(str(store / "features")).version()
     before = features(store)
     rows = rows_of(manifest)

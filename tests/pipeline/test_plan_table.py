@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from core.config import Config
-from pipeline.plan import Lineage, Plan, _assign_ids, make_plan, stable_split
+from pipeline.plan import Lineage, Plan, assign_ids, make_plan, stable_split
 
 CFG = Config()
 FPS = {"sample": "fp-s1", "image": "fp-i1", "text": "fp-t1", "audio": "fp-a1", "all": "fp-all1"}
@@ -48,7 +48,7 @@ def scan(id: str, *, label: str = "cat", split: str | None = "train", image: str
 def sample_sha(**kw) -> str:
     """The whole-sample hash the planner gives a scanned row with these fields."""
     r = scan("probe", **kw)
-    _assign_ids([r], CFG)
+    assign_ids([r], CFG)
     return r["sha_sample"]
 
 
@@ -343,3 +343,58 @@ def test_plan(case: Case) -> None:
 
     # The same input planned again (fresh copies) gives the same plan: ids, splits, decisions.
     assert _summary(_plan(case)) == _summary(plan)
+
+
+class _LineageStore:
+    """What the streamed planner reads of a store: row counts and lineage batches."""
+
+    def __init__(self, lin: Lineage):
+        import pyarrow as pa
+
+        from pipeline.incremental import FEATURE_LINEAGE, REJECT_LINEAGE
+
+        rows = [{**lin.features[i], "aug": a} for i, augs in lin.keys.items() for a in augs]
+        self.tables = {"features": pa.Table.from_pylist([{c: r.get(c) for c in FEATURE_LINEAGE} for r in rows]),
+                       "rejects": pa.Table.from_pylist([{c: r.get(c) for c in REJECT_LINEAGE} for r in lin.rejects.values()])}
+
+    def count(self, which: str, filter=None) -> int:
+        return self.tables[which].num_rows
+
+    def batches(self, which: str, columns: list[str]):
+        table = self.tables[which]
+        return table.select(columns).to_batches(max_chunksize=1) if table.num_rows else iter(())
+
+
+@pytest.mark.parametrize("bucket_rows", [1, 2, 1000])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_streamed_plan_equals_the_plan_in_memory(case: Case, bucket_rows: int, tmp_path) -> None:
+    """The planner that buckets input and lineage by id (one bucket per row, per two rows, one in
+    all) decides every row as ``make_plan`` does over everything at once, and supersedes the same
+    stored keys."""
+    from pipeline.incremental import Planner
+
+    want = _plan(case)
+    scanned = copy.deepcopy(case.scanned)
+    for n, r in enumerate(scanned):
+        if r["row"] is None:
+            r["row"] = n
+    cfg = CFG.model_copy(update={"execution": CFG.execution.model_copy(update={"plan_bucket_rows": bucket_rows})})
+    planner = Planner(_LineageStore(lineage(*copy.deepcopy(case.stored))), case.fps, cfg, "run-1", tmp_path,
+                      expected_rows=len(scanned), dedup=case.dedup)
+    for k in range(0, len(scanned), 2):   # the scan's output arrives in chunks
+        planner.add(scanned[k:k + 2])
+    got = planner.finish()
+
+    assert got.buckets == 1 if bucket_rows == 1000 else got.buckets >= len(scanned) / bucket_rows
+    assert sorted((r["id"], r["redo"], r["keep"], r["split"], r["fp_all"]) for r in got.rows.dicts()) == \
+        sorted((r["id"], r["redo"], r["keep"], r["split"], r["fp_all"]) for r in want.rows)
+    assert sorted((r["id"], r["reason"], r["detail"]) for r in got.rejects.dicts()) == \
+        sorted((r["id"], r["reject_reason"], r["reject_detail"]) for r in want.rejects)
+    assert (got.input, got.unchanged, got.removed, got.partial) == \
+        (len(want.input_ids), len(want.unchanged), len(want.removed), len(want.partial))
+    assert {r["id"] for r in got.removed_ids.dicts()} == want.removed
+    stored = lineage(*copy.deepcopy(case.stored))
+    touched = want.processed_ids | want.removed
+    assert sorted((r["id"], r["aug"]) for r in got.feature_tombs.dicts()) == \
+        sorted((i, a) for i in touched for a in stored.keys.get(i, []))
+    assert sorted(r["id"] for r in got.reject_tombs.dicts()) == sorted(i for i in touched if i in stored.rejects)

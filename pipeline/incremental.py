@@ -1,0 +1,162 @@
+"""Plan a run against the store bucket by bucket, so that no process holds the input, the store's
+lineage or the plan (a hash join on local spills).
+
+1. The scanned rows stream in (``Planner.add``) and are routed by content hash into ``n`` buckets.
+2. Per content bucket, exact whole-sample duplicates are marked (all rows with one hash meet
+   there); the rows are routed again, by id.
+3. The store's lineage (feature and reject rows, the few columns the plan compares) streams into
+   the same id buckets.
+4. Per id bucket, ``plan_rows`` decides each row against its stored lineage, exactly as for a
+   small input held in memory; what to process, the plan-time rejects and the stored keys the
+   run supersedes go to spills.
+5. Stored duplicates whose kept row changed are looked at again (``reexamine``), against a compact
+   set of 64-bit hashes of the ids this run touches (8 bytes per changed id).
+
+``n`` follows the data: ``execution.plan_bucket_rows`` rows per bucket (the larger of the input
+and the store). Ids are bucketed by the part before a ``~`` so that repeated ids (``x~2``) and
+their first (``x``) meet."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from core.config import Config
+from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, reject_record
+from core.store import Store
+from pipeline.plan import Lineage, Plan, assign_ids, mark_content_duplicates, plan_rows, reexamine
+from pipeline.spill import Partitioned, Spill, key_hashes
+from stages.base import MODALITIES
+
+_S = pa.string()
+SCANNED = pa.schema([("row", pa.int64())] + [(c, _S) for c in (
+    "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
+    "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "sha_sample")])
+PLANNED = SCANNED.append(pa.field("fp_all", _S)).append(pa.field("redo", _S)).append(pa.field("keep", _S))
+CANDIDATE = PLANNED.append(pa.field("kept_id", _S))
+FEATURE_LINEAGE = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]
+REJECT_LINEAGE = ["id", "reason", "detail", "sha_sample", "fp_all"]
+KEYS = pa.schema([("id", _S), ("aug", pa.int32())])
+IDS = pa.schema([("id", _S)])
+
+
+def _select(schema: pa.Schema, names: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(n) for n in names])
+
+
+def base_id(rid: str) -> str:
+    return rid.split("~", 1)[0]
+
+
+def lineage_of(features: pa.Table, rejects: pa.Table) -> Lineage:
+    lin = Lineage()
+    for row in features.to_pylist():
+        lin.keys.setdefault(row["id"], []).append(row["aug"])
+        if row["aug"] == 0:
+            lin.features[row["id"]] = row
+    for row in rejects.to_pylist():
+        lin.rejects[row["id"]] = row
+    return lin
+
+
+@dataclass
+class StreamedPlan:
+    """A run's plan as spills and counts (the rows stay on disk until the processing pass)."""
+
+    rows: Spill            # PLANNED rows to process, bucket by bucket
+    rejects: Spill         # reject records (REJECTS_SCHEMA): plan-time ones; the sink adds the stages'
+    feature_tombs: Spill   # stored (id, aug) under every id the run touches; the commit keeps the stale ones
+    reject_tombs: Spill    # ids the run touches that have a stored reject
+    removed_ids: Spill     # stored ids no longer in the input
+    input: int = 0
+    planned_rejects: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    partial: int = 0
+    buckets: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def to_process(self) -> int:
+        return self.rows.rows
+
+    def removed_set(self) -> frozenset[str]:
+        return frozenset(self.removed_ids.table()["id"].to_pylist())
+
+
+class Planner:
+    """Takes scanned rows as they come; ``finish`` plans them against the store."""
+
+    def __init__(self, store: Store | None, fps: dict[str, str], cfg: Config, run_id: str, folder: Path,
+                 expected_rows: int = 0, dedup: bool = True):
+        self.store, self.fps, self.cfg, self.run_id, self.folder, self.dedup = store, fps, cfg, run_id, folder, dedup
+        stored = 0 if store is None else store.count("features") + store.count("rejects")
+        self.n = max(1, math.ceil(max(expected_rows, stored) / cfg.execution.plan_bucket_rows))
+        self.by_content = Partitioned(folder / "by_content", SCANNED, self.n, "sha_sample")
+        self.input = 0
+
+    def add(self, scanned: list[dict]) -> None:
+        assign_ids(scanned, self.cfg)
+        self.by_content.add(pa.Table.from_pylist(scanned, schema=SCANNED))
+        self.input += len(scanned)
+
+    def finish(self) -> StreamedPlan:
+        f = self.folder
+        plan = StreamedPlan(Spill(f / "rows.parquet", PLANNED, self.cfg.execution.block_rows),
+                            Spill(f / "rejects.parquet", REJECTS_SCHEMA), Spill(f / "feature_tombs.parquet", KEYS),
+                            Spill(f / "reject_tombs.parquet", IDS), Spill(f / "removed.parquet", IDS),
+                            input=self.input, buckets=self.n)
+        by_id = Partitioned(f / "by_id", SCANNED, self.n, "id", base_id)
+        for part in self.by_content.close().parts:   # 2: exact whole-sample duplicates
+            rows = sorted(part.table().to_pylist(), key=lambda r: r["row"])
+            if self.dedup:
+                mark_content_duplicates(rows)
+            by_id.add(pa.Table.from_pylist(rows, schema=SCANNED))
+        lin_f = Partitioned(f / "lineage_features", _select(FEATURES_SCHEMA, FEATURE_LINEAGE), self.n, "id", base_id)
+        lin_r = Partitioned(f / "lineage_rejects", _select(REJECTS_SCHEMA, REJECT_LINEAGE), self.n, "id", base_id)
+        if self.store is not None:                   # 3: the store's lineage, streamed
+            for batch in self.store.batches("features", FEATURE_LINEAGE):
+                lin_f.add(batch)
+            for batch in self.store.batches("rejects", REJECT_LINEAGE):
+                lin_r.add(batch)
+        candidates = Spill(f / "candidates.parquet", CANDIDATE)
+        touched: list[np.ndarray] = []
+        for inputs, stored_f, stored_r in zip(by_id.close().parts, lin_f.close().parts, lin_r.close().parts):
+            lineage = lineage_of(stored_f.table(), stored_r.table())   # 4: each id bucket against its lineage
+            bucket, found = plan_rows(inputs.table().to_pylist(), lineage, self.fps, self.cfg, dedup=False)
+            self._record(plan, bucket, lineage)
+            candidates.add_rows(found)
+            touched.append(key_hashes(sorted(bucket.processed_ids | bucket.removed)))
+        self._reexamine(plan, candidates, np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.uint64))
+        for spill in (plan.rows, plan.rejects, plan.feature_tombs, plan.reject_tombs, plan.removed_ids):
+            spill.close()
+        return plan
+
+    def _record(self, plan: StreamedPlan, bucket: Plan, lineage: Lineage) -> None:
+        plan.rows.add_rows(bucket.rows)
+        plan.rejects.add_rows([reject_record(r, self.run_id) for r in bucket.rejects])
+        plan.planned_rejects += len(bucket.rejects)
+        plan.unchanged += len(bucket.unchanged)
+        plan.removed += len(bucket.removed)
+        plan.partial += len(bucket.partial)
+        plan.removed_ids.add_rows([{"id": i} for i in sorted(bucket.removed)])
+        touched = sorted(bucket.processed_ids | bucket.removed)
+        plan.feature_tombs.add_rows([{"id": i, "aug": a} for i in touched for a in lineage.keys.get(i, [])])
+        plan.reject_tombs.add_rows([{"id": i} for i in touched if i in lineage.rejects])
+
+    def _reexamine(self, plan: StreamedPlan, candidates: Spill, touched: np.ndarray) -> None:
+        """5: stored duplicates whose kept row this run touches are planned again."""
+        for batch in candidates.batches():
+            rows = batch.to_pylist()
+            hit = np.isin(key_hashes([r["kept_id"] for r in rows]), touched)
+            redone = {r["kept_id"] for r, h in zip(rows, hit) if h}
+            part = Plan([], [], {r["id"] for r in rows}, set(), set(), [])
+            back = reexamine(part, rows, redone.__contains__)
+            plan.unchanged -= len(back)
+            plan.rows.add_rows(part.rows)
+            plan.rejects.add_rows([reject_record(r, self.run_id) for r in part.rejects])
+            plan.planned_rejects += len(part.rejects)
+            plan.reject_tombs.add_rows([{"id": r["id"]} for r in back])

@@ -1,0 +1,127 @@
+"""Spills: rows that a run must see again later (the scan's output, the plan, the staged rejects)
+written to local Parquet as they come and read back block by block, so no process holds them all.
+``Partitioned`` routes rows into ``n`` spills by a stable hash of a key column: rows that must meet
+(an input id and its stored lineage, the rows sharing a content hash) land in the same part, and
+each part is small enough to work on in memory. pyarrow writes and reads; only the routing is here."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mmh3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.store import RowGroups
+
+GROUP_ROWS = 4096   # rows per Parquet row group of a spill
+
+
+def bucket_of(keys: list[str], n: int) -> np.ndarray:
+    """Stable bucket per key (murmur3, the same in every process and run)."""
+    return np.fromiter((mmh3.hash(k, signed=False) for k in keys), dtype=np.uint32, count=len(keys)) % n
+
+
+def key_hashes(keys: list[str] | pa.Array) -> np.ndarray:
+    """64-bit hashes of ids: a compact set of ids (8 bytes each) for membership tests."""
+    values = keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
+    return np.fromiter((mmh3.hash64(k, signed=False)[0] for k in values), dtype=np.uint64, count=len(values))
+
+
+class Spill:
+    """Rows written to Parquet in row groups as they arrive; read back as record batches. Rows
+    added after a read go to a further file (a spill can be read, then added to, then read again)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, group_rows: int = GROUP_ROWS):
+        self.path, self.schema, self.group_rows = path, schema, group_rows
+        self.rows = 0
+        self.files: list[Path] = []
+        self._groups = RowGroups(schema, group_rows)
+        self._writer: pq.ParquetWriter | None = None
+
+    def add_rows(self, rows: list[dict]) -> None:
+        if rows:
+            self.add(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        self.rows += table.num_rows
+        for group in self._groups.add(table):
+            self._write(group)
+
+    def _write(self, group: pa.Table) -> None:
+        if self._writer is None:
+            path = self.path if not self.files else self.path.with_name(f"{self.path.stem}-{len(self.files)}{self.path.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(path, self.schema)
+            self.files.append(path)
+        self._writer.write_table(group, row_group_size=group.num_rows)
+
+    def close(self) -> "Spill":
+        for group in self._groups.drain():
+            self._write(group)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self
+
+    def groups(self) -> list[tuple[str, int]]:
+        """(path, row group) of every row group: what a worker reads to get one block."""
+        self.close()
+        return [(str(p), g) for p in self.files for g in range(pq.ParquetFile(p).num_row_groups)]
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows added so far, one row group at a time."""
+        for path, group in self.groups():
+            yield from pq.ParquetFile(path).read_row_group(group, columns=columns).to_batches()
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows at once: only for a spill known to be small (one bucket, the changed ids)."""
+        schema = pa.schema([self.schema.field(c) for c in columns]) if columns else self.schema
+        return pa.Table.from_batches(list(self.batches(columns)), schema=schema)
+
+    def dicts(self) -> Iterator[dict]:
+        for batch in self.batches():
+            yield from batch.to_pylist()
+
+
+class Partitioned:
+    """Rows routed into ``n`` spills by the stable hash of ``key(value)`` of column ``column``."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, n: int, column: str,
+                 key: Callable[[str], str] = lambda v: v):
+        self.n, self.column, self.key = n, column, key
+        # Fewer rows per row group when there are many parts: the buffers stay ~GROUP_ROWS rows in all.
+        group = max(256, GROUP_ROWS * 4 // max(1, n))
+        self.parts = [Spill(folder / f"part-{k:05d}.parquet", schema, group) for k in range(n)]
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        if table.num_rows == 0:
+            return
+        if self.n == 1:
+            self.parts[0].add(table)
+            return
+        keys = [self.key(v) for v in table.column(self.column).to_pylist()]
+        buckets = bucket_of(keys, self.n)
+        order = np.argsort(buckets, kind="stable")
+        sorted_buckets = buckets[order]
+        bounds = np.searchsorted(sorted_buckets, np.arange(self.n + 1))
+        taken = table.take(pa.array(order))
+        for k in range(self.n):
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi > lo:
+                self.parts[k].add(taken.slice(lo, hi - lo))
+
+    def add_rows(self, rows: list[dict], schema: pa.Schema) -> None:
+        if rows:
+            self.add(pa.Table.from_pylist(rows, schema=schema))
+
+    def close(self) -> "Partitioned":
+        for part in self.parts:
+            part.close()
+        return self
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
