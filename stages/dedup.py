@@ -1,11 +1,10 @@
 """Dedup: exact and near-duplicate removal, within a run and against what the store holds.
 
-Signatures are computed where the rows are (the stage's actors); the shared state lives in one
-``DedupIndex`` per run: a Ray actor named ``mmpipe-dedup-<run_id>`` (``IndexActor``) that the
-runner creates with ``create_index``, or starts early with ``start_index`` and seeds with
-``seed_index``, before the processing pass (an in-process instance when Ray is not running). The
-stage sends each block's signatures in one call; the index answers per row: ``None`` (kept and
-registered) or the kept id the row duplicates. Matching rules:
+Signatures are computed where the rows are (the stage's actors) and sent a block at a time, packed
+in arrays, to the run's index: a Ray actor named ``mmpipe-dedup-<run_id>`` (``IndexActor``) that
+the runner starts with ``start_index`` and seeds with ``seed_index`` (or ``create_index``) before
+the processing pass, or an in-process ``DedupIndex`` when the stages run in the driver. The index
+answers per row: ``None`` (kept and registered) or the kept id the row duplicates. Matching rules:
 
 - exact, per key listed in ``Params.exact``: ``sample`` (every present modality equal and the same
   modalities present) or one modality alone (``image``, ``text``, ``audio``), on hashes of the
@@ -15,28 +14,38 @@ registered) or the kept id the row duplicates. Matching rules:
   word shingles (>= ``minhash_threshold``, among the candidates of datasketch's LSH banding; texts
   shorter than ``min_shingles`` only match exactly), audio exactly.
 
-The first row seen wins: rows already in the store (``existing``) before this run's rows.
+The first row seen wins: rows already in the store before this run's rows.
+
+The index keeps its rows in numpy arrays (``_Shard``), no Python object per row, and reads the
+stored signatures itself, streamed from the store. A store of more than ``rows_per_shard`` rows
+is spread by id hash over shard actors (at most one per CPU of the cluster). The index actor then
+sends each block to every shard, takes the earliest match any shard reports, settles the block's
+rows among themselves, and only then registers its kept rows in their shards; blocks take turns
+through all of it, so two near duplicates in concurrent blocks are never both kept.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
-import gc
 import hashlib
+import itertools
 import json
+import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import imagehash
 import numpy as np
+import pyarrow as pa
 import ray
 from datasketch import MinHash, MinHashLSH
 from PIL import Image
 from pydantic import Field
 
-from stages.base import MODALITIES, REDO, Batch, RunScope, Stage, StageParams, live_rows, num_rows, object_column
+from stages.base import (MODALITIES, REDO, Batch, RunScope, Stage, StageParams, fingerprint_of, live_rows, num_rows,
+                         object_column)
 from stages.media import decode_image
 from stages.registry import register_stage
 
@@ -44,6 +53,10 @@ SIG = "dedup_sig"
 AUG = "aug"
 MINHASH_SCHEME = "affine32"    # datasketch >= 2 needs the scheme to rebuild a MinHash from stored values
 WORD = re.compile(r"\w+")
+RUN_SEQ = 1 << 40              # this run's rows register after every stored row (those: their scan position)
+SEED_CHUNK = 8192              # stored signatures parsed and added at a time
+COMPACT_MIN = 1 << 16          # replaced or removed rows a shard carries before it compacts
+QUERY_GROUP = 128              # rows of a block matched at a time
 
 Checker = Callable[[list["Signature"]], list[str | None]]
 
@@ -61,6 +74,11 @@ class DedupParams(StageParams):
     num_perm: int = Field(128, ge=16)
     shingle: int = Field(3, ge=1)
     min_shingles: int = Field(5, ge=1)   # fewer shingles than this: the text only matches exactly
+    rows_per_shard: int = Field(2_000_000, ge=1)   # stored rows per index shard actor
+    shards: int = Field(0, ge=0)         # 0: ceil(stored rows / rows_per_shard), at most the cluster's CPUs
+
+    # How the index spreads over actors changes no verdict: left out of the stage fingerprint.
+    RUNTIME_ONLY: ClassVar[frozenset[str]] = frozenset({"rows_per_shard", "shards"})
 
 
 # -- signatures -----------------------------------------------------------------------------
@@ -78,17 +96,26 @@ class Signature:
         return frozenset(k for k in self.sha if k != "sample")
 
     def to_json(self) -> str:
+        """The MinHash as base64 of its little-endian uint32 values (a JSON list of ints before)."""
         out: dict[str, Any] = {"sha": self.sha}
         if self.image_phash is not None:
             out["image_phash"] = self.image_phash
         if self.text_minhash is not None:
-            out["text_minhash"] = self.text_minhash
+            out["text_minhash"] = base64.b64encode(np.asarray(self.text_minhash, "<u4").tobytes()).decode()
         return json.dumps(out, sort_keys=True)
 
     @classmethod
     def from_json(cls, row_id: str, text: str) -> "Signature":
         d = json.loads(text)
-        return cls(row_id, d["sha"], d.get("image_phash"), d.get("text_minhash"))
+        minhash = _minhash_values(d.get("text_minhash"))
+        if isinstance(minhash, np.ndarray):
+            minhash = minhash.tolist()
+        return cls(row_id, d["sha"], d.get("image_phash"), minhash)
+
+
+def _minhash_values(stored: str | list[int] | None) -> np.ndarray | list[int] | None:
+    """A stored MinHash: base64 of little-endian uint32 (a JSON list of ints before)."""
+    return np.frombuffer(base64.b64decode(stored), "<u4") if isinstance(stored, str) else stored
 
 
 def _sha(value: bytes | str) -> str:
@@ -130,50 +157,275 @@ def signature_of(row_id: str, media: dict[str, Any], p: DedupParams) -> Signatur
     return Signature(row_id, sha, phash, mh)
 
 
-# -- the index ------------------------------------------------------------------------------
-class _HammingTable:
-    """64-bit codes searched by Hamming distance with one vectorised popcount."""
+# -- signatures in arrays -------------------------------------------------------------------
+_BIT = {m: 1 << k for k, m in enumerate(MODALITIES)}
+_KEYS = ("sample", *MODALITIES)
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _hash128(value: str) -> tuple[int, int]:
+    """A content hash as two uint64: the first 128 bits of a sha256 hex digest (another string hashed)."""
+    if len(value) == 64:
+        try:
+            return int(value[:16], 16), int(value[16:32], 16)
+        except ValueError:
+            pass
+    digest = hashlib.blake2b(value.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+@dataclass
+class _Block:
+    """Signatures packed in arrays, a row each: what the stage sends and what a shard stores."""
+
+    ids: list[str]
+    id_hash: np.ndarray               # uint64
+    mask: np.ndarray                  # uint8: a bit per modality present
+    sha: dict[str, np.ndarray]        # key -> (n, 2) uint64: the first 128 bits of its sha256
+    has_sha: dict[str, np.ndarray]    # key -> bool
+    phash: np.ndarray                 # uint64
+    has_phash: np.ndarray             # bool
+    minhash: np.ndarray               # (n, num_perm) uint32
+    has_minhash: np.ndarray           # bool: any MinHash (then the row looks for near duplicates)
+    minhash_ok: np.ndarray            # bool: a MinHash of the index's num_perm, comparable
+
+    @classmethod
+    def of(cls, sigs: list[Signature], num_perm: int) -> "_Block":
+        block = cls.empty([s.id for s in sigs], num_perm)
+        for i, s in enumerate(sigs):
+            block._fill(i, s.sha, s.image_phash, s.text_minhash)
+        return block
+
+    @classmethod
+    def parse(cls, ids: list[str], texts: list[str], num_perm: int) -> "_Block":
+        """From stored ``dedup_sig`` strings (either form), with no Signature made per row."""
+        block = cls.empty(ids, num_perm)
+        for i, text in enumerate(texts):
+            d = json.loads(text)
+            block._fill(i, d["sha"], d.get("image_phash"), _minhash_values(d.get("text_minhash")))
+        return block
+
+    @classmethod
+    def empty(cls, ids: list[str], num_perm: int) -> "_Block":
+        n = len(ids)
+        return cls(ids, np.array([_hash64(i) for i in ids], np.uint64), np.zeros(n, np.uint8),
+                   {k: np.zeros((n, 2), np.uint64) for k in _KEYS}, {k: np.zeros(n, bool) for k in _KEYS},
+                   np.zeros(n, np.uint64), np.zeros(n, bool), np.zeros((n, num_perm), np.uint32), np.zeros(n, bool),
+                   np.zeros(n, bool))
+
+    def _fill(self, i: int, sha: dict[str, str], phash: str | None, minhash: Any) -> None:
+        for key, h in sha.items():
+            if key in self.sha:
+                self.sha[key][i], self.has_sha[key][i] = _hash128(h), True
+            self.mask[i] |= _BIT.get(key, 0)
+        if phash is not None:
+            self.phash[i], self.has_phash[i] = int(phash, 16), True
+        if minhash is not None:
+            self.has_minhash[i] = True
+            if len(minhash) == self.minhash.shape[1]:
+                self.minhash[i], self.minhash_ok[i] = minhash, True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> "_Block":
+        return _Block(self.ids[rows], self.id_hash[rows], self.mask[rows], {k: v[rows] for k, v in self.sha.items()},
+                      {k: v[rows] for k, v in self.has_sha.items()}, self.phash[rows], self.has_phash[rows],
+                      self.minhash[rows], self.has_minhash[rows], self.minhash_ok[rows])
+
+    @property
+    def near(self) -> np.ndarray:
+        return self.has_phash | self.has_minhash
+
+
+def _packed(sigs: list[Signature] | _Block, p: DedupParams) -> _Block:
+    return sigs if isinstance(sigs, _Block) else _Block.of(list(sigs), p.num_perm)
+
+
+def _pack(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(query, row) pairs as one int64 each, to sort, intersect and count them."""
+    return (np.asarray(queries, np.int64) << 32) | np.asarray(rows, np.int64)
+
+
+def _unpack(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return codes >> 32, codes & 0xFFFFFFFF
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+# -- arrays that grow -----------------------------------------------------------------------
+class _Column:
+    """A numpy array grown by appends (capacity x1.125: at a million rows, spare capacity costs more
+    than the copies); ``trim`` drops the spare capacity."""
+
+    def __init__(self, dtype: Any, width: int = 0):
+        self._shape = (width,) if width else ()
+        self._a = np.zeros((0, *self._shape), dtype)
+        self.n = 0
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._a[:self.n]
+
+    def extend(self, values: Any) -> None:
+        need = self.n + len(values)
+        if need > len(self._a):
+            grown = np.empty((max(need, len(self._a) * 9 // 8 + 1024), *self._shape), self._a.dtype)
+            grown[:self.n] = self.data
+            self._a = grown
+        self._a[self.n:need] = values
+        self.n = need
+
+    def keep(self, which: np.ndarray) -> None:
+        self._a = self.data[which]
+        self.n = len(self._a)
+
+    def trim(self) -> None:
+        if len(self._a) > self.n:
+            self._a = self.data.copy()
+
+    @property
+    def nbytes(self) -> int:
+        return self._a.nbytes
+
+
+class _Strings:
+    """Strings in one UTF-8 byte buffer with their end offsets."""
 
     def __init__(self) -> None:
-        self._codes = np.zeros(1024, dtype=np.uint64)
-        self._alive = np.zeros(1024, dtype=bool)
-        self._ids: list[str] = []
-        self._pos: dict[str, int] = {}
+        self._bytes, self._ends = _Column(np.uint8), _Column(np.int64)
 
-    def add(self, row_id: str, code: int) -> None:
-        n = len(self._ids)
-        if n == len(self._codes):
-            self._codes = np.concatenate([self._codes, np.zeros(n, dtype=np.uint64)])
-            self._alive = np.concatenate([self._alive, np.zeros(n, dtype=bool)])
-        self._codes[n], self._alive[n] = code, True
-        self._ids.append(row_id)
-        self._pos[row_id] = n
+    def extend(self, strings: list[str]) -> None:
+        raw = [s.encode() for s in strings]
+        start = self._ends.data[-1] if self._ends.n else 0
+        self._ends.extend(start + np.cumsum([len(r) for r in raw], dtype=np.int64))
+        self._bytes.extend(np.frombuffer(b"".join(raw), np.uint8))
 
-    def remove(self, row_id: str) -> None:
-        pos = self._pos.pop(row_id, None)
-        if pos is not None:
-            self._alive[pos] = False
+    def __getitem__(self, i: int) -> str:
+        ends = self._ends.data
+        return self._bytes.data[ends[i - 1] if i else 0:ends[i]].tobytes().decode()
 
-    def near(self, code: int, threshold: int) -> set[str]:
-        n = len(self._ids)
-        dist = np.bitwise_count(self._codes[:n] ^ np.uint64(code))
-        return {self._ids[j] for j in np.flatnonzero((dist <= threshold) & self._alive[:n])}
+    def keep(self, which: np.ndarray) -> None:
+        """Keep the strings where ``which`` (bool) is set."""
+        ends = self._ends.data
+        starts, ends = np.r_[0, ends[:-1]][which], ends[which]
+        lengths = ends - starts
+        new_ends = np.cumsum(lengths)
+        total = int(new_ends[-1]) if len(new_ends) else 0
+        self._bytes.keep(np.repeat(starts - new_ends + lengths, lengths) + np.arange(total))
+        self._ends = _Column(np.int64)
+        self._ends.extend(new_ends)
 
+    def trim(self) -> None:
+        self._bytes.trim()
+        self._ends.trim()
 
-@contextmanager
-def _gc_paused():
-    """No garbage collection while an index is seeded: tens of thousands of small objects that all
-    live on. In a long-lived driver each full collection walks everything the driver holds (Ray,
-    Arrow, the run's rows): seeding 3000 stored signatures took 0.23 s there, 0.07 s with this."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    @property
+    def nbytes(self) -> int:
+        return self._bytes.nbytes + self._ends.nbytes
 
 
+@dataclass
+class _Run:
+    keys: np.ndarray
+    values: np.ndarray               # uint32: rows (or MinHash slots)
+    aux: np.ndarray | None = None    # uint64: a second key that must match too
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + (0 if self.aux is None else self.aux.nbytes)
+
+
+def _merge(runs: list[_Run]) -> _Run:
+    """One sorted run of all the pairs; equal keys stay in the order given (timsort: sorted runs
+    merge in linear time)."""
+    keys = np.concatenate([r.keys for r in runs])
+    order = np.argsort(keys, kind="stable")
+    aux = None if runs[0].aux is None else np.concatenate([r.aux for r in runs])[order]
+    return _Run(keys[order], np.concatenate([r.values for r in runs])[order], aux)
+
+
+class _KeyIndex:
+    """key -> values in sorted runs, LSM-style: inserts merge into a small run, which merges into the
+    large one once it holds a sixteenth of it, so no insert copies the whole index; a seed's chunks
+    wait unsorted and are sorted once (``flush``)."""
+
+    SMALL = 1 << 14
+
+    def __init__(self, dtype: Any, aux: bool = False):
+        self._dtype, self._aux = dtype, aux
+        self._large, self._small = self._empty(), self._empty()
+        self._waiting: list[_Run] = []
+
+    def _empty(self) -> _Run:
+        return _Run(np.zeros(0, self._dtype), np.zeros(0, np.uint32), np.zeros(0, np.uint64) if self._aux else None)
+
+    def insert(self, keys: np.ndarray, values: np.ndarray, aux: np.ndarray | None = None, wait: bool = False) -> None:
+        run = _Run(keys.astype(self._dtype), values.astype(np.uint32), aux)
+        if wait:
+            self._waiting.append(run)
+            return
+        self._small = _merge([self._small, run])
+        if len(self._small) > max(self.SMALL, len(self._large) // 16):
+            self._large, self._small = _merge([self._large, self._small]), self._empty()
+
+    def flush(self) -> None:
+        if self._waiting:
+            self._large = _merge([self._large, self._small, *self._waiting])
+            self._small, self._waiting = self._empty(), []
+
+    def lookup(self, keys: np.ndarray, which: np.ndarray,
+               aux: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(query, value) for each stored key equal to ``keys[q]`` (and aux to ``aux[q]``), q in ``which``."""
+        queries, values = [np.zeros(0, np.int64)], [np.zeros(0, np.uint32)]
+        for run in (self._large, self._small):
+            if not len(run) or not len(which):
+                continue
+            q = keys[which].astype(self._dtype)
+            lo = np.searchsorted(run.keys, q, "left")
+            counts = np.searchsorted(run.keys, q, "right") - lo
+            pos = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+            qi = np.repeat(np.asarray(which, np.int64), counts)
+            if aux is not None:
+                same = run.aux[pos] == aux[qi]
+                pos, qi = pos[same], qi[same]
+            queries.append(qi)
+            values.append(run.values[pos])
+        return np.concatenate(queries), np.concatenate(values)
+
+    def shared_keys(self) -> Iterator[np.ndarray]:
+        """Values that share a key with another, a group at a time, in insertion order (after ``flush``)."""
+        keys, values = self._large.keys, self._large.values
+        same = np.flatnonzero(keys[1:] == keys[:-1])
+        for start in same[np.r_[True, np.diff(same) > 1]] if len(same) else ():
+            end = start + 1
+            while end < len(keys) and keys[end] == keys[start]:
+                end += 1
+            yield values[start:end]
+
+    def compact(self, keep: np.ndarray, remap: np.ndarray) -> None:
+        """Drop the pairs of values not kept; renumber the others."""
+        self.flush()
+        for name in ("_large", "_small"):
+            run = getattr(self, name)
+            sel = keep[run.values]
+            setattr(self, name, _Run(run.keys[sel], remap[run.values[sel]].astype(np.uint32),
+                                     None if run.aux is None else run.aux[sel]))
+
+    @property
+    def nbytes(self) -> int:
+        return self._large.nbytes + self._small.nbytes + sum(r.nbytes for r in self._waiting)
+
+
+# -- the index ------------------------------------------------------------------------------
 @functools.cache
 def _band_ranges(threshold: float, num_perm: int) -> list[tuple[int, int]]:
     """datasketch's bands for this threshold (it integrates false positive and negative rates over
@@ -181,143 +433,382 @@ def _band_ranges(threshold: float, num_perm: int) -> list[tuple[int, int]]:
     return MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
 
 
+@functools.cache
+def _multipliers(num_perm: int) -> np.ndarray:
+    """Odd 64-bit multipliers, one per MinHash position, for the band keys."""
+    return np.random.default_rng(27).integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
 class _MinHashBands:
     """MinHash LSH: rows whose values agree on every value of any one band are candidates, then
-    kept when their estimated Jaccard reaches the threshold. The bands are datasketch's for this
-    threshold (``MinHashLSH.hashranges``), so the candidates are the ones ``MinHashLSH.query``
-    gives; rows come in a matrix at a time: seeding an index with 3000 stored signatures through
-    ``MinHashLSH.insert`` (a numpy call per band per row) took 0.18 s."""
+    kept when their estimated Jaccard (the share of equal values) reaches the threshold. The bands
+    are datasketch's for this threshold (``MinHashLSH.hashranges``), so the candidates are the ones
+    ``MinHashLSH.query`` gives. A band is looked up by a 32-bit hash of its values and its values
+    compared: a hash collision costs a comparison, never a candidate."""
 
     def __init__(self, threshold: float, num_perm: int):
-        self.threshold = threshold
+        self.threshold, self.num_perm = threshold, num_perm
         self.ranges = _band_ranges(threshold, num_perm)
-        self.tables: list[dict[bytes, set[str]]] = [{} for _ in self.ranges]
-        self.values: dict[str, np.ndarray] = {}
+        self.values = _Column(np.uint32, num_perm)   # by slot
+        self.rows = _Column(np.uint32)               # slot -> row
+        self.bands = [_KeyIndex(np.uint32) for _ in self.ranges]
 
-    def add(self, ids: list[str], values: np.ndarray) -> None:
-        """``values``: one row of uint32 MinHash values per id."""
-        for (start, end), table in zip(self.ranges, self.tables):
-            raw, width = np.ascontiguousarray(values[:, start:end]).tobytes(), (end - start) * values.itemsize
-            for k, row_id in enumerate(ids):
-                table.setdefault(raw[k * width:(k + 1) * width], set()).add(row_id)
-        self.values.update(zip(ids, values))
+    def _keys(self, values: np.ndarray) -> np.ndarray:
+        mixed = values.astype(np.uint64) * _multipliers(self.num_perm)
+        return np.stack([(mixed[:, start:end].sum(axis=1, dtype=np.uint64) >> np.uint64(32)).astype(np.uint32)
+                         for start, end in self.ranges], axis=1)
 
-    def remove(self, row_id: str) -> None:
-        values = self.values.pop(row_id, None)
-        if values is None:
-            return
-        for (start, end), table in zip(self.ranges, self.tables):
-            key = values[start:end].tobytes()
-            table[key].discard(row_id)
-            if not table[key]:
-                del table[key]
+    def add(self, rows: np.ndarray, values: np.ndarray, wait: bool = False) -> None:
+        """``values``: one row of uint32 MinHash values per row number in ``rows``."""
+        slots = np.arange(self.rows.n, self.rows.n + len(rows), dtype=np.uint32)
+        keys = self._keys(values)
+        self.values.extend(values)
+        self.rows.extend(rows)
+        for b, band in enumerate(self.bands):
+            band.insert(keys[:, b], slots, wait=wait)
 
-    def near(self, values: np.ndarray) -> set[str]:
-        found: set[str] = set()
-        for (start, end), table in zip(self.ranges, self.tables):
-            found |= table.get(values[start:end].tobytes(), set())
-        # MinHash.jaccard: the share of equal values
-        return {i for i in found if np.count_nonzero(self.values[i] == values) / len(values) >= self.threshold}
+    def pairs(self, values: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) for the rows near ``values[q]``, q in ``which``."""
+        if not len(which) or not self.rows.n:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        q, stored = values[which], self.values.data
+        keys, everyone = self._keys(q), np.arange(len(which))
+        codes = []
+        for b, ((start, end), band) in enumerate(zip(self.ranges, self.bands)):
+            qi, slots = band.lookup(keys[:, b], everyone)
+            same = _equal_values(stored, slots, q, qi, slice(start, end)) == end - start
+            codes.append(_pack(qi[same], slots[same]))
+        qi, slots = _unpack(np.unique(_cat(codes)))
+        close = _equal_values(stored, slots, q, qi, slice(None)) / self.num_perm >= self.threshold   # MinHash.jaccard
+        return np.asarray(which, np.int64)[qi[close]], self.rows.data[slots[close]].astype(np.int64)
+
+    def compact(self, keep: np.ndarray, remap: np.ndarray) -> None:
+        sel = keep[self.rows.data]
+        slot_remap = np.cumsum(sel) - 1
+        self.values.keep(sel)
+        self.rows.keep(sel)
+        self.rows.data[:] = remap[self.rows.data]
+        for band in self.bands:
+            band.compact(sel, slot_remap)
+
+    def flush(self) -> None:
+        for band in self.bands:
+            band.flush()
+
+    def trim(self) -> None:
+        self.values.trim()
+        self.rows.trim()
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.rows.nbytes + sum(b.nbytes for b in self.bands)
+
+
+def _equal_values(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray, cols: slice) -> np.ndarray:
+    """Per pair k, how many of ``a[rows_a[k], cols]`` equal ``b[rows_b[k], cols]``; a slice of pairs
+    at a time, so that a band thousands of rows share costs time, not memory."""
+    step = 1 << 15
+    return _cat([np.count_nonzero(a[rows_a[k:k + step], cols] == b[rows_b[k:k + step], cols], axis=1)
+                 for k in range(0, len(rows_a), step)])
+
+
+def _sha_keys(p: DedupParams) -> set[str]:
+    """The content hashes an index looks up: the exact keys and, for near matching, every modality
+    that may be compared exactly (audio; text too short for a MinHash; images when pHash is off)."""
+    keys = set(p.exact)
+    if p.image_phash or p.text_minhash:
+        keys |= {"text", "audio"} | (set() if p.image_phash else {"image"})
+    return keys
 
 
 @dataclass
-class _Entry:
-    seq: int
-    sig: Signature
+class _Found:
+    """A shard's answer for a block: per row, the seq of the earliest row it matches (-1: none) and that row's id."""
+
+    seq: np.ndarray
+    kept: list[str | None]
+
+
+class _Shard:
+    """Rows of the run's index (all, or those whose id hash falls to shard ``home`` of ``shards``) in
+    arrays: no Python object per row. Rows are appended in registration order; a replaced one is
+    marked dead and dropped by the next compaction. Also the body of a shard actor."""
+
+    def __init__(self, params: DedupParams | dict, home: int = 0, shards: int = 1):
+        self.params = p = params if isinstance(params, DedupParams) else DedupParams.model_validate(params)
+        self.home, self.shards = home, shards
+        self.seq = _Column(np.int64)        # registration order: the first seen wins
+        self.alive = _Column(bool)
+        self.mask = _Column(np.uint8)
+        self.phash, self.has_phash = _Column(np.uint64), _Column(bool)
+        self.ids = _Strings()
+        self.by_id = _KeyIndex(np.uint64)
+        self.by_sha = {key: _KeyIndex(np.uint64, aux=True) for key in sorted(_sha_keys(p))}
+        self.text = _MinHashBands(p.minhash_threshold, p.num_perm) if p.text_minhash else None
+        self.dead = 0
+
+    def size(self) -> int:
+        return self.seq.n - self.dead
+
+    def nbytes(self) -> int:
+        arrays = (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.ids, self.by_id,
+                  *self.by_sha.values(), *([self.text] if self.text else []))
+        return sum(a.nbytes for a in arrays)
+
+    def owns(self, row_id: str) -> bool:
+        return self.shards == 1 or _hash64(row_id) % self.shards == self.home
+
+    # -- seeding ------------------------------------------------------------------------------
+    def seed(self, source: "StoredSignatures") -> int:
+        """Add the stored rows that fall to this shard, in store order; returns how many it holds."""
+        chunk: list[tuple[int, str, str]] = []
+        for row in source.rows(self.owns):
+            chunk.append(row)
+            if len(chunk) == SEED_CHUNK:
+                self._seed_chunk(chunk)
+                chunk = []
+        self._seed_chunk(chunk)
+        for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
+            index.flush()
+        self._drop_repeated_ids()
+        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.ids,
+                       *([self.text] if self.text else [])):
+            column.trim()
+        return self.size()
+
+    def _seed_chunk(self, rows: list[tuple[int, str, str]]) -> None:
+        if rows:
+            seqs, ids, texts = zip(*rows)
+            block = _Block.parse(list(ids), list(texts), self.params.num_perm)
+            self._append(block, np.arange(len(rows)), np.array(seqs, np.int64), wait=True)
+
+    def _drop_repeated_ids(self) -> None:
+        """An id stored twice counts once, as its last copy."""
+        for rows in self.by_id.shared_keys():
+            last = {self.ids[int(r)]: int(r) for r in rows}
+            for r in rows:
+                if last[self.ids[int(r)]] != r and self.alive.data[r]:
+                    self.alive.data[r] = False
+                    self.dead += 1
+
+    # -- matching -------------------------------------------------------------------------------
+    def match(self, q: _Block) -> _Found:
+        """Per row of the block, the earliest row here it matches. An entry of the row's own id, or
+        of an id earlier in the block, does not count: those rows replace their entries."""
+        qi, rows = self.pairs(q)
+        eq, erows = self._entries(q, np.arange(len(q)))
+        if len(qi) and len(eq):
+            order = np.lexsort((eq, erows))
+            erows, first = np.unique(erows[order], return_index=True)
+            first = eq[order][first]
+            at = np.minimum(np.searchsorted(erows, rows), len(erows) - 1)
+            gone = (erows[at] == rows) & (first[at] <= qi)
+            qi, rows = qi[~gone], rows[~gone]
+        seq, kept = np.full(len(q), -1, np.int64), [None] * len(q)
+        if len(qi):
+            order = np.lexsort((self.seq.data[rows], qi))
+            qi, rows = qi[order], rows[order]
+            first = np.r_[True, qi[1:] != qi[:-1]]
+            for i, r in zip(qi[first].tolist(), rows[first].tolist()):
+                seq[i], kept[i] = self.seq.data[r], self.ids[r]
+        return _Found(seq, kept)
+
+    def pairs(self, q: _Block) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) for every alive row that each row of the block matches; a group of queries
+        at a time, which bounds the candidates held when many rows share a key or a band."""
+        codes = _cat([np.unique(_cat([self._exact(part), self._near(part)])) + (start << 32)
+                      for start in range(0, len(q), QUERY_GROUP) for part in [q[start:start + QUERY_GROUP]]])
+        qi, rows = _unpack(codes)
+        alive = self.alive.data[rows]
+        return qi[alive], rows[alive]
+
+    def _exact(self, q: _Block) -> np.ndarray:
+        return _cat([_pack(*self.by_sha[key].lookup(q.sha[key][:, 0], np.flatnonzero(q.has_sha[key]), q.sha[key][:, 1]))
+                     for key in self.params.exact])
+
+    def _near(self, q: _Block) -> np.ndarray:
+        """Near matches: the same modalities present, each close to the row's. A pair must be in one
+        candidate set per modality compared by hash or MinHash; images by pHash are then checked
+        among those candidates, or against every row when the image is all the row has."""
+        need = np.zeros(len(q), np.int64)
+        sets: list[np.ndarray] = []
+        by_phash = np.zeros(len(q), bool)
+        for m in MODALITIES:
+            has = q.near & ((q.mask & _BIT[m]) > 0)
+            if m == "image":
+                by_phash, has = has & q.has_phash, has & ~q.has_phash
+            elif m == "text" and self.text is not None:
+                banded, has = has & q.has_minhash, has & ~q.has_minhash
+                need += banded
+                sets.append(_pack(*self.text.pairs(q.minhash, np.flatnonzero(banded & q.minhash_ok))))
+            if has.any():
+                need += has
+                if m in self.by_sha:
+                    sets.append(_pack(*self.by_sha[m].lookup(q.sha[m][:, 0], np.flatnonzero(has), q.sha[m][:, 1])))
+        codes, counts = np.unique(_cat(sets), return_counts=True)
+        qi, rows = _unpack(codes[counts == need[codes >> 32]])
+        check = by_phash[qi]
+        close = np.ones(len(qi), bool)
+        close[check] = self._phash_close(q.phash[qi[check]], rows[check])
+        found = [_pack(qi[close], rows[close])]
+        for i in np.flatnonzero(by_phash & (need == 0)):
+            hits = np.flatnonzero(self._phash_close(q.phash[i], slice(None)))
+            found.append(_pack(np.full(len(hits), i), hits))
+        qi, rows = _unpack(_cat(found))
+        same = self.mask.data[rows] == q.mask[qi]
+        return _pack(qi[same], rows[same])
+
+    def _phash_close(self, codes: np.ndarray, rows: Any) -> np.ndarray:
+        distance = np.bitwise_count(self.phash.data[rows] ^ codes)
+        return self.has_phash.data[rows] & (distance <= self.params.phash_threshold)
+
+    # -- registering ----------------------------------------------------------------------------
+    def commit(self, q: _Block, keep: np.ndarray, seq0: int) -> None:
+        """After a block's verdicts: its ids' old entries here go (kept or not, a reprocessed row
+        replaces its entry); its kept rows that fall here are added, row i as seq ``seq0 + i``."""
+        own = (q.id_hash % np.uint64(self.shards)) == np.uint64(self.home)
+        self._remove(q, np.flatnonzero(own))
+        add = np.flatnonzero(own & keep)
+        self._append(q, add, seq0 + add)
+        if self.dead > max(COMPACT_MIN, self.seq.n // 4):
+            self.compact()
+
+    def _entries(self, q: _Block, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) of the alive rows with the id of ``q``'s row, for the queries in ``which``."""
+        qi, rows = self.by_id.lookup(q.id_hash, which)
+        rows = rows.astype(np.int64)
+        same = np.array([self.ids[r] == q.ids[i] for i, r in zip(qi.tolist(), rows.tolist())], bool)
+        ok = self.alive.data[rows] & same
+        return qi[ok], rows[ok]
+
+    def _remove(self, q: _Block, which: np.ndarray) -> None:
+        rows = np.unique(self._entries(q, which)[1])
+        self.alive.data[rows] = False
+        self.dead += len(rows)
+
+    def _append(self, q: _Block, which: np.ndarray, seq: np.ndarray, wait: bool = False) -> None:
+        if not len(which):
+            return
+        rows = np.arange(self.seq.n, self.seq.n + len(which), dtype=np.uint32)
+        self.seq.extend(seq)
+        self.alive.extend(np.ones(len(which), bool))
+        self.mask.extend(q.mask[which])
+        self.phash.extend(q.phash[which])
+        self.has_phash.extend(q.has_phash[which])
+        self.ids.extend([q.ids[i] for i in which])
+        self.by_id.insert(q.id_hash[which], rows, wait=wait)
+        for key, index in self.by_sha.items():
+            sel = which[q.has_sha[key][which]]
+            index.insert(q.sha[key][sel, 0], rows[q.has_sha[key][which]], q.sha[key][sel, 1], wait=wait)
+        if self.text is not None:
+            ok = q.minhash_ok[which]
+            self.text.add(rows[ok], q.minhash[which[ok]], wait=wait)
+
+    def compact(self) -> None:
+        """Drop the dead rows, renumbering the others."""
+        keep = self.alive.data.copy()
+        remap = np.cumsum(keep) - 1
+        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash):
+            column.keep(keep)
+        self.ids.keep(keep)
+        for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
+            index.compact(keep, remap)
+        self.dead = 0
+
+
+def _resolve(q: _Block, found: list[_Found], params: DedupParams) -> tuple[list[str | None], np.ndarray]:
+    """A block's verdicts, in order, and which of its rows stay registered. A row duplicates the
+    earliest row it matches: one registered before the block (``found``, one answer per shard),
+    else one kept earlier in the block; a row replaces the block's earlier row of its id."""
+    n = len(q)
+    seqs = np.stack([f.seq for f in found])
+    first = np.where(seqs < 0, np.iinfo(np.int64).max, seqs).argmin(axis=0)
+    block = _Shard(params)
+    block._append(q, np.arange(n), np.arange(n))
+    qi, rows = block.pairs(q)
+    before = rows < qi
+    within: list[list[int]] = [[] for _ in range(n)]
+    for i, j in zip(qi[before].tolist(), rows[before].tolist()):
+        within[i].append(j)
+    registered = np.zeros(n, bool)
+    holder: dict[str, int] = {}          # id -> its row registered in this block
+    verdicts: list[str | None] = []
+    for i, row_id in enumerate(q.ids):
+        if row_id in holder:
+            registered[holder.pop(row_id)] = False
+        kept = found[first[i]].kept[i]
+        if kept is None:
+            earlier = [j for j in within[i] if registered[j]]
+            kept = q.ids[min(earlier)] if earlier else None
+        if kept is None:
+            registered[i], holder[row_id] = True, i
+        verdicts.append(kept)
+    return verdicts, registered
+
+
+@dataclass(frozen=True)
+class StoredSignatures:
+    """Where an index reads the stored rows' signatures: streamed from the store (``RunScope.stored``,
+    shipped to the index's actors), or given inline (tests, tiny data); ``removed`` ids are skipped."""
+
+    stored: Callable[[list[str]], Iterable[Any]] | None = None
+    removed: frozenset[str] = frozenset()
+    pairs: tuple[tuple[str, str], ...] = ()     # (id, dedup_sig)
+
+    def count(self) -> int:
+        """Stored rows, counted without reading their signatures."""
+        return len(self.pairs) + (sum(b.num_rows for b in self.stored([])) if self.stored is not None else 0)
+
+    def rows(self, owns: Callable[[str], bool] | None = None) -> Iterator[tuple[int, str, str]]:
+        """(scan position, id, signature) of each row that has a signature and is not removed (and ``owns`` takes)."""
+        position = 0
+        for ids, sigs in self._batches():
+            keep = [k for k, row_id in enumerate(ids) if row_id not in self.removed and (owns is None or owns(row_id))]
+            for k, sig in zip(keep, sigs.take(pa.array(keep, pa.int64())).to_pylist()):
+                if sig:   # rows stored while dedup was off carry no signature
+                    yield position + k, ids[k], sig
+            position += len(ids)
+
+    def _batches(self) -> Iterator[tuple[list[str], pa.Array]]:
+        if self.pairs:
+            yield [i for i, _ in self.pairs], pa.array([s for _, s in self.pairs], pa.string())
+        if self.stored is not None:
+            for batch in self.stored(["id", SIG]):
+                yield batch.column(0).to_pylist(), batch.column(1)
+
+
+Existing = StoredSignatures | Iterable[tuple[str, str]]
+
+
+def _source(existing: Existing) -> StoredSignatures:
+    return existing if isinstance(existing, StoredSignatures) else StoredSignatures(pairs=tuple(existing))
 
 
 class DedupIndex:
-    """The run's dedup state. Plain class; ``create_index`` wraps it in a named Ray actor."""
+    """The run's dedup state in this process: one shard of every row. Plain class; ``IndexActor``
+    holds one, or spreads the rows over shard actors."""
 
-    def __init__(self, params: dict | DedupParams, existing: list[tuple[str, str]] = ()):
+    def __init__(self, params: dict | DedupParams, existing: Existing = ()):
         self.params = params if isinstance(params, DedupParams) else DedupParams.model_validate(params)
-        p = self.params
-        self._seq = 0                                      # registration order: the first seen wins
-        self._entries: dict[str, _Entry] = {}
-        self._by_sha: dict[str, dict[str, set[str]]] = {key: {} for key in (*MODALITIES, "sample")}
-        self._phash = _HammingTable()
-        self._text = _MinHashBands(p.minhash_threshold, p.num_perm) if p.text_minhash else None
-        with _gc_paused():
-            self._seed(existing)
-
-    def _seed(self, existing: list[tuple[str, str]]) -> None:
-        texts: dict[str, list[int]] = {}   # stored MinHashes, added to the bands in one matrix
-        for row_id, sig in existing:
-            if sig:   # rows stored while dedup was off carry no signature
-                stored = Signature.from_json(row_id, sig)
-                self._remove(row_id)
-                texts.pop(row_id, None)
-                self._add(stored, text=False)
-                if self._comparable(stored):
-                    texts[row_id] = stored.text_minhash
-        if texts:
-            self._text.add(list(texts), np.asarray(list(texts.values()), dtype=np.uint32))
+        self._shard = _Shard(self.params)
+        self._shard.seed(_source(existing))
+        self._next = RUN_SEQ
 
     def size(self) -> int:
-        return len(self._entries)
+        return self._shard.size()
 
-    def check(self, sigs: list[Signature]) -> list[str | None]:
+    def nbytes(self) -> int:
+        return self._shard.nbytes()
+
+    def check(self, sigs: list[Signature] | _Block) -> list[str | None]:
         """Per row, in order: None (kept, now registered) or the kept id it duplicates."""
-        out: list[str | None] = []
-        for sig in sigs:
-            self._remove(sig.id)   # a reprocessed row must not match its own old entry
-            kept = self._match(sig)
-            if kept is None:
-                self._add(sig)
-            out.append(kept)
-        return out
-
-    # -- matching -------------------------------------------------------------------------
-    def _match(self, sig: Signature) -> str | None:
-        found: set[str] = set()
-        for key in self.params.exact:
-            if key in sig.sha:
-                found |= self._by_sha[key].get(sig.sha[key], set())
-        if sig.image_phash is not None or sig.text_minhash is not None:
-            found |= self._near(sig)
-        return min(found, key=lambda i: self._entries[i].seq) if found else None
-
-    def _near(self, sig: Signature) -> set[str]:
-        """Kept rows with the same modalities, each one near this row's."""
-        per_modality = [self._near_in(m, sig) for m in sig.modalities]
-        same = set.intersection(*per_modality) if per_modality else set()
-        return {i for i in same if self._entries[i].sig.modalities == sig.modalities}
-
-    def _near_in(self, modality: str, sig: Signature) -> set[str]:
-        if modality == "image" and sig.image_phash is not None:
-            return self._phash.near(int(sig.image_phash, 16), self.params.phash_threshold)
-        if modality == "text" and sig.text_minhash is not None and self._text is not None:
-            return self._text.near(np.asarray(sig.text_minhash, dtype=np.uint32))
-        return set(self._by_sha[modality].get(sig.sha[modality], set()))
-
-    # -- bookkeeping ----------------------------------------------------------------------
-    def _comparable(self, sig: Signature) -> bool:
-        # a stored signature made with another num_perm cannot be compared: it still matches exactly
-        return sig.text_minhash is not None and self._text is not None and len(sig.text_minhash) == self.params.num_perm
-
-    def _add(self, sig: Signature, text: bool = True) -> None:
-        self._seq += 1
-        self._entries[sig.id] = _Entry(self._seq, sig)
-        for key, h in sig.sha.items():
-            self._by_sha.setdefault(key, {}).setdefault(h, set()).add(sig.id)
-        if sig.image_phash is not None:
-            self._phash.add(sig.id, int(sig.image_phash, 16))
-        if text and self._comparable(sig):
-            self._text.add([sig.id], np.asarray([sig.text_minhash], dtype=np.uint32))
-
-    def _remove(self, row_id: str) -> None:
-        entry = self._entries.pop(row_id, None)
-        if entry is None:
-            return
-        for key, h in entry.sig.sha.items():
-            ids = self._by_sha[key].get(h)
-            if ids is not None:
-                ids.discard(row_id)
-                if not ids:
-                    del self._by_sha[key][h]
-        self._phash.remove(row_id)
-        if self._text is not None:
-            self._text.remove(row_id)
+        q = _packed(sigs, self.params)
+        if not len(q):
+            return []
+        verdicts, keep = _resolve(q, [self._shard.match(q)], self.params)
+        self._shard.commit(q, keep, self._next)
+        self._next += len(q)
+        return verdicts
 
 
 # in-process indexes by name, for when Ray is not running (unit tests, single-process tools)
@@ -326,92 +817,129 @@ _LOCAL: dict[str, DedupIndex] = {}
 _ACTORS: dict[str, Any] = {}
 
 
+def shard_count(p: DedupParams, source: StoredSignatures) -> int:
+    """``shards`` when set, else one shard per ``rows_per_shard`` stored rows, at most one per CPU."""
+    if p.shards:
+        return p.shards
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return 1 if cpus <= 1 else max(1, min(math.ceil(source.count() / p.rows_per_shard), cpus))
+
+
 class IndexActor:
-    """A ``DedupIndex`` in a Ray actor that may be started before it is seeded: the runner starts
+    """The run's index as a Ray actor that may be started before it is seeded: the runner starts
     it before the scan, so that the worker's start-up overlaps the driver's scan, and seeds it
     once the plan says which stored rows count. Async: a check that arrives before the seed
-    waits for it (in arrival order; no two checks run at once)."""
+    waits for it. Checks take turns (in arrival order), each to its end, registration included,
+    so shards never see two blocks interleave."""
 
-    def __init__(self, params: dict):
-        self._params = params
-        self._index: DedupIndex | None = None
+    def __init__(self, params: dict, name: str = ""):
+        self._params = DedupParams.model_validate(params)
+        self._name = name
+        self._index: DedupIndex | None = None   # every row here, or
+        self._shards: list[Any] = []            # shard actors
+        self._next = RUN_SEQ
         self._error = ""
         self._seeded = asyncio.Event()
+        self._turn = asyncio.Lock()
 
-    async def seed(self, existing: list[tuple[str, str]]) -> None:
+    async def seed(self, existing: Existing) -> None:
         try:
-            self._index = DedupIndex(self._params, existing)
+            source = _source(existing)
+            count = shard_count(self._params, source)
+            if count == 1:
+                self._index = await asyncio.to_thread(DedupIndex, self._params, source)
+            else:
+                options = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
+                shards = [ray.remote(_Shard).options(**options, name=f"{self._name}-shard-{k}" if self._name else None)
+                          .remote(self._params.model_dump(), k, count) for k in range(count)]
+                await asyncio.gather(*(s.seed.remote(source) for s in shards))   # each reads the store itself
+                self._shards = shards
         except Exception as exc:   # a bad stored signature: every check reports it, none waits forever
             self._error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self._seeded.set()
 
-    async def check(self, sigs: list[Signature]) -> list[str | None]:
-        return (await self._ready()).check(sigs)
+    async def check(self, sigs: list[Signature] | _Block) -> list[str | None]:
+        q = _packed(sigs, self._params)
+        await self._ready()
+        async with self._turn:
+            if self._index is not None:
+                return self._index.check(q)
+            if not len(q):
+                return []
+            ref = ray.put(q)
+            found = await asyncio.gather(*(s.match.remote(ref) for s in self._shards))
+            verdicts, keep = _resolve(q, list(found), self._params)
+            await asyncio.gather(*(s.commit.remote(ref, keep, self._next) for s in self._shards))
+            self._next += len(q)
+            return verdicts
 
     async def size(self) -> int:
-        return (await self._ready()).size()
+        await self._ready()
+        if self._index is not None:
+            return self._index.size()
+        return sum(await asyncio.gather(*(s.size.remote() for s in self._shards)))
 
-    async def _ready(self) -> DedupIndex:
+    async def shards(self) -> int:
+        await self._ready()
+        return len(self._shards) or 1
+
+    async def _ready(self) -> None:
         await self._seeded.wait()
-        if self._index is None:
+        if self._error:
             raise RuntimeError(f"the dedup index could not be seeded from the store: {self._error}")
-        return self._index
 
 
 def start_index(name: str, params: dict) -> None:
     """Start the run's index actor, empty until ``seed_index`` (checks wait for the seed).
     Replaces an index of the same name."""
     close_index(name)
-    _ACTORS[name] = ray.remote(num_cpus=0)(IndexActor).options(name=name).remote(params)
+    _ACTORS[name] = ray.remote(num_cpus=0)(IndexActor).options(name=name).remote(params, name)
 
 
-def seed_index(name: str, existing: list[tuple[str, str]]) -> None:
-    """Seed a started index with (id, dedup_sig) of rows already stored, which count as seen first.
-    Not waited for: the actor seeds itself while the stages' actor pools start."""
-    _ACTORS[name].seed.remote(existing)
+def seed_index(name: str, existing: Existing) -> None:
+    """Seed a started index with the rows already stored, which count as seen first: a
+    ``StoredSignatures`` the actor reads itself, or (id, dedup_sig) pairs. Not waited for: the
+    actor seeds itself while the stages' actor pools start."""
+    _ACTORS[name].seed.remote(_source(existing))
 
 
-def create_index(name: str, params: dict, existing: list[tuple[str, str]], local: bool = False) -> Any:
+def create_index(name: str, params: dict, existing: Existing, local: bool = False) -> Any:
     """Create the run's index (a named Ray actor when Ray is up, unless ``local``: then the stages
-    run in this process too); ``existing`` = (id, dedup_sig) of rows already stored, which count
-    as seen first. Replaces an index of the same name."""
+    run in this process too); ``existing``: the stored rows, which count as seen first (see
+    ``seed_index``). Replaces an index of the same name."""
     if local or not ray.is_initialized():
         close_index(name)
-        _LOCAL[name] = DedupIndex(params, existing)
+        _LOCAL[name] = DedupIndex(params, _source(existing))
         return _LOCAL[name]
     start_index(name, params)
     seed_index(name, existing)
     return _ACTORS[name]
 
 
-def stored_signatures(scope: RunScope) -> list[tuple[str, str]]:
-    """(id, dedup_sig) of the stored originals that stay in the store."""
-    if scope.stored is None:
-        return []
-    out = []
-    for batch in scope.stored(["id", SIG]):
-        for row_id, sig in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if sig and row_id not in scope.removed:
-                out.append((row_id, sig))
-    return out
-
-
 def close_index(name: str) -> None:
-    """Drop the named index (call after the run)."""
+    """Drop the named index and its shards (call after the run)."""
     _LOCAL.pop(name, None)
     _ACTORS.pop(name, None)
     if ray.is_initialized():
-        try:
-            ray.kill(ray.get_actor(name))
-        except ValueError:   # no such actor
-            pass
+        for k in itertools.count():
+            if not _kill(f"{name}-shard-{k}"):
+                break
+        _kill(name)
+
+
+def _kill(name: str) -> bool:
+    try:
+        ray.kill(ray.get_actor(name))
+    except ValueError:   # no such actor
+        return False
+    return True
 
 
 def open_index(name: str, params: DedupParams) -> Checker:
     """The check function of the named index: in-process when this process holds it (or Ray is
-    not running), else the Ray actor."""
+    not running), else the Ray actor (signatures packed here, in the stage's actor)."""
     if name in _LOCAL or not ray.is_initialized():
         index = _LOCAL.get(name) or _LOCAL.setdefault(name, DedupIndex(params, []))
         return index.check
@@ -419,7 +947,7 @@ def open_index(name: str, params: DedupParams) -> Checker:
         actor = ray.get_actor(name)
     except ValueError:
         raise RuntimeError(f"dedup index {name!r} not found: call stages.dedup.create_index before the run") from None
-    return lambda sigs: ray.get(actor.check.remote(sigs))
+    return lambda sigs: ray.get(actor.check.remote(_Block.of(sigs, params.num_perm)))
 
 
 # -- the stage ------------------------------------------------------------------------------
@@ -446,6 +974,11 @@ class Dedup(Stage):
         self._check = open_index(index_name(self.context.run_id), self.params)
 
     @classmethod
+    def fingerprint(cls, params: StageParams | dict | None = None) -> str:
+        p = params if isinstance(params, DedupParams) else DedupParams.model_validate(params or {})
+        return fingerprint_of(cls.name, cls.version, p.model_dump(mode="json", exclude=set(p.RUNTIME_ONLY)))
+
+    @classmethod
     def start_run(cls, scope: RunScope) -> None:
         """The pass will use actors: start the index actor now, its worker's start-up (~1.5 CPU-s)
         overlapping the driver's scan; ``open_run`` seeds it."""
@@ -453,12 +986,13 @@ class Dedup(Stage):
 
     @classmethod
     def open_run(cls, scope: RunScope) -> None:
+        """Hand the index where to read the stored signatures: it reads them itself."""
         name = index_name(scope.run_id)
-        existing = stored_signatures(scope)
+        stored = StoredSignatures(scope.stored, scope.removed)
         if name in _ACTORS and not scope.local:
-            seed_index(name, existing)
+            seed_index(name, stored)
         else:
-            create_index(name, scope.params.model_dump(), existing, local=scope.local)
+            create_index(name, scope.params.model_dump(), stored, local=scope.local)
 
     @classmethod
     def close_run(cls, scope: RunScope, failed: bool) -> None:

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from stages.base import StageContext, object_column
-from stages.dedup import (Dedup, DedupParams, close_index, create_index, index_name, seed_index, signature_of,
-                          start_index)
+from stages import dedup
+from stages.base import StageContext, fingerprint_of, object_column
+from stages.dedup import (Dedup, DedupIndex, DedupParams, Signature, StoredSignatures, close_index, create_index,
+                          index_name, seed_index, signature_of, start_index)
 from stages.media import encode_flac, encode_image
 
 WORDS = ("river stone bright morning quiet forest path under clouds where small birds sing softly "
@@ -152,7 +153,9 @@ def test_kept_rows_get_a_signature_and_others_are_skipped(run_id):
     assert list(out["dedup_sig"][1:]) == ["", "", ""]
     sig = json.loads(out["dedup_sig"][0])
     assert set(sig["sha"]) == {"image", "text", "sample"}
-    assert len(sig["image_phash"]) == 16 and len(sig["text_minhash"]) == 128
+    assert len(sig["image_phash"]) == 16 and len(sig["text_minhash"]) == 684   # base64 of 128 uint32
+    assert Signature.from_json("kept", out["dedup_sig"][0]) == signature_of("kept", {
+        "image": batch["image"][0], "text": text, "audio": None}, DedupParams())
 
 
 def test_across_batches_and_against_the_store(run_id):
@@ -190,8 +193,8 @@ def test_undecodable_image_is_rejected(run_id):
 
 
 def test_minhash_bands_find_what_datasketch_lsh_finds():
-    """The index's own banding (rows added a matrix at a time) gives the candidates
-    MinHashLSH.query gives, filtered by the same Jaccard estimate."""
+    """The index's own banding (rows added a matrix at a time, bands looked up by a hash of their
+    values) gives the candidates MinHashLSH.query gives, filtered by the same Jaccard estimate."""
     from datasketch import LeanMinHash, MinHashLSH
 
     from stages.dedup import MINHASH_SCHEME, _MinHashBands
@@ -202,42 +205,199 @@ def test_minhash_bands_find_what_datasketch_lsh_finds():
     for k, row in enumerate(rows[40:], start=40):   # copies with 0-40 % of their values redrawn
         redraw = rng.random(128) < (k % 9) / 20
         row[redraw] = rng.integers(0, 2**32, size=int(redraw.sum()), dtype=np.uint32)
-    ids = [f"r{k}" for k in range(400)]
 
     def lean(values):
         return LeanMinHash(seed=1, hashvalues=values, scheme=MINHASH_SCHEME)
 
     for threshold in (0.5, 0.9):
         bands, lsh = _MinHashBands(threshold, 128), MinHashLSH(threshold=threshold, num_perm=128)
-        bands.add(ids[:300], np.asarray(rows[:300]))
-        for i, row in zip(ids[:300], rows[:300]):
-            lsh.insert(i, lean(row))
-        for i in ids[:300:7]:   # removed from both
-            bands.remove(i)
-            lsh.remove(i)
-        for row in rows[250:]:
+        bands.add(np.arange(200), np.asarray(rows[:200]), wait=True)   # a seed's chunk, then single inserts
+        bands.flush()
+        bands.add(np.arange(200, 300), np.asarray(rows[200:300]))
+        for k in range(300):
+            lsh.insert(k, lean(rows[k]))
+        queries, found = bands.pairs(np.asarray(rows[250:]), np.arange(150))
+        for n, row in enumerate(rows[250:]):
             q = lean(row)
-            expected = {i for i in lsh.query(q) if q.jaccard(lean(bands.values[i])) >= threshold}
-            assert bands.near(row) == expected
-        assert sum(len(bands.near(row)) for row in rows[300:]) > 20   # near copies were found
+            expected = {k for k in lsh.query(q) if q.jaccard(lean(rows[k])) >= threshold}
+            assert set(found[queries == n].tolist()) == expected
+        assert np.count_nonzero(queries >= 50) > 20   # near copies of rows not in the index were found
 
 
-def test_seeding_runs_without_garbage_collection_and_restores_it(monkeypatch):
-    """Seeding makes many small objects that all live on; a long-lived driver's collections would
-    walk its whole heap each time. Collection is paused for the seed and back on after it."""
-    import gc
+# -- the compact index against the rules, row by row ----------------------------------------
+class Reference:
+    """The matching rules of the module docstring, applied row by row to every registered row."""
 
-    from stages import dedup
+    def __init__(self, p: DedupParams, existing: list[tuple[str, str]]):
+        from datasketch import MinHashLSH
 
-    seen = []
-    from_json = dedup.Signature.from_json
-    monkeypatch.setattr(dedup.Signature, "from_json",
-                        classmethod(lambda cls, i, t: (seen.append(gc.isenabled()), from_json(i, t))[1]))
+        self.p, self.ranges = p, MinHashLSH(threshold=p.minhash_threshold, num_perm=p.num_perm).hashranges
+        self.kept: dict[str, Signature] = {}   # in registration order
+        for row_id, sig in existing:
+            if sig:
+                self.kept.pop(row_id, None)
+                self.kept[row_id] = Signature.from_json(row_id, sig)
+
+    def check(self, sigs: list[Signature]) -> list[str | None]:
+        out = []
+        for sig in sigs:
+            self.kept.pop(sig.id, None)
+            out.append(next((i for i, e in self.kept.items() if self.matches(sig, e)), None))
+            if out[-1] is None:
+                self.kept[sig.id] = sig
+        return out
+
+    def matches(self, q: Signature, e: Signature) -> bool:
+        if any(key in q.sha and e.sha.get(key) == q.sha[key] for key in self.p.exact):
+            return True
+        near = q.image_phash is not None or q.text_minhash is not None
+        return near and bool(q.modalities) and q.modalities == e.modalities and all(
+            self.close(m, q, e) for m in q.modalities)
+
+    def close(self, m: str, q: Signature, e: Signature) -> bool:
+        if m == "image" and q.image_phash is not None:
+            return e.image_phash is not None and (
+                bin(int(q.image_phash, 16) ^ int(e.image_phash, 16)).count("1") <= self.p.phash_threshold)
+        if m == "text" and q.text_minhash is not None and self.p.text_minhash:
+            a, b = q.text_minhash, e.text_minhash
+            return (b is not None and len(b) == len(a) and any(a[s:t] == b[s:t] for s, t in self.ranges)
+                    and sum(x == y for x, y in zip(a, b)) / len(a) >= self.p.minhash_threshold)
+        return e.sha.get(m) == q.sha[m]
+
+
+def random_signatures(rng: np.random.Generator, n: int, p: DedupParams, ids: int) -> list[Signature]:
+    """Rows drawn from a few families per modality: exact copies, near copies on both sides of the
+    thresholds, short texts (no MinHash), every mix of modalities, ids that come back."""
+    images = rng.integers(0, 2**63, 6, dtype=np.uint64)
+    texts = rng.integers(0, 2**32, (6, p.num_perm), dtype=np.uint32)
+    mixes = [("image",), ("text",), ("audio",), ("image", "text"), ("text", "audio"), ("image", "audio"),
+             ("image", "text", "audio")]
+    out = []
+    for _ in range(n):
+        family = {m: int(rng.integers(0, 6)) for m in mixes[rng.integers(0, len(mixes))]}
+        sha, phash, minhash = {}, None, None
+        for m, f in family.items():
+            variant = int(rng.integers(0, 4))   # 0: the family's exact content
+            sha[m] = dedup._sha(f"{m}{f}.{variant}.{rng.integers(0, 3) if variant else 0}")
+            if m == "image" and p.image_phash:
+                flips = rng.choice(64, int(rng.integers(0, 10)) if variant else 0, replace=False)
+                phash = f"{int(images[f]) ^ sum(1 << int(b) for b in flips):016x}"
+            if m == "text" and p.text_minhash and f:   # family 0: short texts
+                values = texts[f].copy()
+                redraw = rng.random(p.num_perm) < (rng.uniform(0, 0.35) if variant else 0)
+                values[redraw] = rng.integers(0, 2**32, int(redraw.sum()), dtype=np.uint32)
+                minhash = values.tolist()
+        sha["sample"] = dedup._sha(json.dumps(sha, sort_keys=True))
+        out.append(Signature(f"r{rng.integers(0, ids)}", sha, phash, minhash))
+    return out
+
+
+def old_json(sig: Signature) -> str:
+    """``dedup_sig`` as versions before the compact MinHash wrote it."""
+    out = {"sha": sig.sha, **({"image_phash": sig.image_phash} if sig.image_phash else {}),
+           **({"text_minhash": list(sig.text_minhash)} if sig.text_minhash is not None else {})}
+    return json.dumps(out, sort_keys=True)
+
+
+def random_run(seed: int, p: DedupParams, stored: int = 200, new: int = 300):
+    """Stored (id, dedup_sig) in old and new forms, with repeats, empty ones and another num_perm;
+    then the run's signatures cut into blocks of 1 to 40 rows."""
+    rng = np.random.default_rng(seed)
+    existing = []
+    for k, sig in enumerate(random_signatures(rng, stored, p, ids=stored + new)):
+        if k % 17 == 0 and sig.text_minhash is not None:
+            sig.text_minhash = sig.text_minhash[:64]   # made with another num_perm: matches exactly only
+        existing.append((sig.id, "" if k % 23 == 0 else old_json(sig) if k % 2 else sig.to_json()))
+    sigs = random_signatures(rng, new, p, ids=stored + new)
+    cuts = np.cumsum(rng.integers(1, 41, new))
+    blocks = [sigs[a:b] for a, b in zip(np.r_[0, cuts], cuts) if a < new]
+    return existing, blocks
+
+
+PARAMS = [{}, {"exact": ["image", "text", "audio"]}, {"exact": [], "image_phash": False},
+          {"text_minhash": False, "phash_threshold": 3}, {"minhash_threshold": 0.5, "phash_threshold": 10},
+          {"exact": ["sample", "audio"], "num_perm": 64, "minhash_threshold": 0.7}]
+
+
+@pytest.mark.parametrize("params", PARAMS)
+def test_compact_index_follows_the_rules_on_random_signatures(params, monkeypatch):
+    """Verdicts equal the rules applied row by row, across seeds, blocks, reprocessed ids and
+    compactions (forced often here, as are merges of the sorted runs and blocks matched in groups)."""
+    monkeypatch.setattr(dedup, "COMPACT_MIN", 8)
+    monkeypatch.setattr(dedup, "QUERY_GROUP", 7)
+    monkeypatch.setattr(dedup._KeyIndex, "SMALL", 16)
+    p = DedupParams.model_validate(params)
+    for seed in range(2):
+        existing, blocks = random_run(seed, p)
+        index, reference = DedupIndex(p, existing), Reference(p, existing)
+        verdicts = [index.check(block) for block in blocks]
+        assert verdicts == [reference.check(block) for block in blocks]
+        assert index.size() == len(reference.kept)
+        kinds = [v is None for block in verdicts for v in block]
+        assert min(kinds.count(True), kinds.count(False)) > 10   # both verdicts are common: the test has teeth
+
+
+def test_bytes_per_row_stay_small():
+    """Image + text + id rows: a few hundred bytes each (the MinHash values are 512), not kilobytes."""
+    p, rng = DedupParams(), np.random.default_rng(0)
+    existing = [(f"sample-{k:08d}", Signature(
+        f"sample-{k:08d}", {"image": dedup._sha(f"i{k}"), "text": dedup._sha(f"t{k}"), "sample": dedup._sha(f"s{k}")},
+        f"{int(rng.integers(0, 2**63)):016x}", rng.integers(0, 2**32, 128, dtype=np.uint32).tolist()).to_json())
+        for k in range(5000)]
+    index = DedupIndex(p, existing)
+    assert index.size() == 5000 and index.nbytes() / 5000 < 800
+    images = DedupIndex(p, [(i, json.dumps({"sha": {k: v for k, v in json.loads(s)["sha"].items() if k != "text"},
+                                            "image_phash": json.loads(s)["image_phash"]})) for i, s in existing])
+    assert images.nbytes() / 5000 < 150
+
+
+def test_old_json_signatures_stay_readable():
     p = DedupParams()
-    stored = signature_of("a", {"image": None, "text": paragraph(1), "audio": None}, p)
-    index = dedup.DedupIndex(p, [("a", stored.to_json()), ("b", stored.to_json())])
-    assert seen == [False, False] and gc.isenabled()
-    assert index.check([signature_of("c", {"image": None, "text": paragraph(1), "audio": None}, p)]) == ["a"]
+    sig = signature_of("a", {"image": encode_image(picture(1), "png"), "text": paragraph(3), "audio": None}, p)
+    assert Signature.from_json("a", old_json(sig)) == Signature.from_json("a", sig.to_json()) == sig
+    assert len(sig.to_json()) < 0.7 * len(old_json(sig))
+    index = DedupIndex(p, [("a", old_json(sig))])
+    assert index.check([signature_of("b", {"image": encode_image(picture(1), "png"), "text": paragraph(3),
+                                           "audio": None}, p)]) == ["a"]
+
+
+def stored_batches(pairs: list[tuple[str, str]], size: int = 3):
+    """A ``RunScope.stored`` stand-in: record batches of the asked columns."""
+    import pyarrow as pa
+
+    table = pa.table({"id": [i for i, _ in pairs], "dedup_sig": [s for _, s in pairs], "other": [0] * len(pairs)})
+    asked = []
+
+    def stored(columns: list[str]):
+        asked.append(list(columns))
+        return table.select(columns).to_batches(max_chunksize=size)
+
+    return stored, asked
+
+
+def test_seeding_streams_stored_batches_and_skips_removed_ids():
+    p = DedupParams()
+    sigs = {i: signature_of(i, {"image": None, "text": paragraph(k), "audio": None}, p)
+            for k, i in enumerate(["s1", "gone", "s2", "no-sig", "s3"], start=20)}
+    stored, asked = stored_batches([(i, "" if i == "no-sig" else s.to_json()) for i, s in sigs.items()])
+    source = StoredSignatures(stored, removed=frozenset({"gone"}))
+    assert [(pos, i) for pos, i, _ in source.rows()] == [(0, "s1"), (2, "s2"), (4, "s3")]
+    assert source.count() == 5
+    index = DedupIndex(p, source)
+    assert index.size() == 3 and asked == [["id", "dedup_sig"], [], ["id", "dedup_sig"]]
+    again = [signature_of(f"new-{i}", {"image": None, "text": paragraph(k), "audio": None}, p)
+             for k, i in enumerate(["s1", "gone", "s2"], start=20)]
+    assert index.check(again) == ["s1", None, "s2"]
+
+
+def test_runtime_params_leave_the_fingerprint_alone():
+    """Stores written before the index was sharded keep their rows: the fingerprint is the one made
+    without the sharding params, and they do not change it."""
+    before = {"exact": ["sample"], "image_phash": True, "phash_threshold": 6, "text_minhash": True,
+              "minhash_threshold": 0.8, "num_perm": 128, "shingle": 3, "min_shingles": 5}
+    assert Dedup.fingerprint({}) == fingerprint_of("dedup", 1, before) == Dedup.fingerprint({"shards": 4})
+    assert Dedup.fingerprint({"rows_per_shard": 10}) == Dedup.fingerprint(DedupParams())
+    assert Dedup.fingerprint({"num_perm": 64}) != Dedup.fingerprint({})
 
 
 def test_params_are_validated():
@@ -307,3 +467,71 @@ def test_an_index_started_before_its_seed_answers_checks_only_once_seeded(ray_lo
             ray.get(ray.get_actor(broken).check.remote([stored]), timeout=30)
     finally:
         close_index(broken)
+
+
+def test_shards_follow_the_stored_rows_and_the_cluster(monkeypatch):
+    source = StoredSignatures(pairs=tuple((f"r{k}", "") for k in range(5)))
+    assert dedup.shard_count(DedupParams(rows_per_shard=2), source) == 1   # Ray not running: one, in-process
+    monkeypatch.setattr(dedup.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(dedup.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert dedup.shard_count(DedupParams(rows_per_shard=2), source) == 3
+    assert dedup.shard_count(DedupParams(), source) == 1
+    monkeypatch.setattr(dedup.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert dedup.shard_count(DedupParams(rows_per_shard=2), source) == 2
+    assert dedup.shard_count(DedupParams(shards=5), source) == 5
+
+
+def test_a_sharded_index_seeds_itself_and_follows_the_rules(ray_local):
+    """Rows spread over 3 shard actors that read the stored batches themselves (the reader shipped
+    to them), a removed id skipped: blocks checked one after another get the rules' verdicts."""
+    ray = ray_local
+    p = DedupParams(shards=3)
+    existing, blocks = random_run(5, p)
+    gone = existing[1][0]
+    stored, _ = stored_batches(existing, size=16)
+    name = index_name("sharded-run")
+    create_index(name, p.model_dump(), StoredSignatures(stored, removed=frozenset({gone})))
+    try:
+        actor = ray.get_actor(name)
+        assert ray.get(actor.shards.remote()) == 3
+        shard_sizes = [ray.get(ray.get_actor(f"{name}-shard-{k}").size.remote()) for k in range(3)]
+        reference = Reference(p, [(i, s) for i, s in existing if i != gone])
+        assert sum(shard_sizes) == len(reference.kept) and min(shard_sizes) > 0
+        check = dedup.open_index(name, p)
+        assert [check(block) for block in blocks] == [reference.check(block) for block in blocks]
+        assert ray.get(actor.size.remote()) == len(reference.kept)
+    finally:
+        close_index(name)
+    with pytest.raises(ValueError):
+        ray.get_actor(f"{name}-shard-0")
+
+
+def test_concurrent_blocks_never_keep_two_near_duplicates(ray_local):
+    """Six blocks sent at once, each with one near copy of every one of 24 texts, the copies' ids
+    spread over 3 shards: one block is kept whole and every other row names its copy there."""
+    ray = ray_local
+    p = DedupParams(shards=3)
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**32, (24, 128), dtype=np.uint32)
+    blocks = []
+    for v in range(6):
+        block = []
+        for f in rng.permutation(24):
+            values = base[f].copy()   # 3 values redrawn per copy: two copies share >= 3 of 9 bands
+            values[rng.choice(128, 3, replace=False)] = rng.integers(0, 2**32, 3, dtype=np.uint32)
+            sha = {"text": dedup._sha(f"t{f}.{v}")}
+            block.append(Signature(f"f{f}-v{v}", {**sha, "sample": dedup._sha(json.dumps(sha))}, None, values.tolist()))
+        blocks.append(block)
+    name = index_name("concurrent-run")
+    create_index(name, p.model_dump(), [])
+    try:
+        actor = ray.get_actor(name)
+        verdicts = ray.get([actor.check.remote(block) for block in blocks])
+        whole = [v for v, out in enumerate(verdicts) if out == [None] * 24]
+        assert len(whole) == 1
+        for block, out in zip(blocks, verdicts):
+            if out != [None] * 24:
+                assert out == [f"{s.id.split('-')[0]}-v{whole[0]}" for s in block]
+        assert ray.get(actor.size.remote()) == 24
+    finally:
+        close_index(name)
