@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # pip prints a warning per package for the machine's file:// index entries; keep the log readable.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 
-.PHONY: install sysdeps demo test test-slow test-cluster test-gpu test-all bench clean
+.PHONY: install sysdeps demo test test-slow test-cluster test-gpu test-all bench bench-scale clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# Issue #27: 100k and 1M rows as fresh mmpipe processes (long; not part of test or bench).
+# Other sizes: make bench-scale SCALE_ARGS="--sizes 2000,5000 --out scale.json"
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf store data benchmarks/_work .pytest_cache

@@ -128,6 +128,22 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
 
 
 @app.command()
+def compact(store: str = typer.Argument(..., help="Store path or URI"),
+            retain_hours: int = typer.Option(168, "--retain-hours", min=0,
+                                             help="Vacuum data files unreferenced for longer than this; time travel "
+                                                  "to versions superseded longer ago stops working"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Report what would change; change nothing"),
+            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON")) -> None:
+    """Compact the store's Delta tables: bin-pack small files, checkpoint, vacuum old files."""
+    import json
+
+    from core.maintenance import compact as compact_store, format_compaction
+
+    result = compact_store(store, vacuum_hours=retain_hours, dry_run=dry_run)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_compaction(result))
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the demo dataset is written"),
          store: str = typer.Option("store/demo", "--store"),
          n: int = typer.Option(300, "--n", help="Number of good records"),
