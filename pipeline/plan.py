@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -231,10 +232,20 @@ class Plan:
         return {r["id"] for r in self.rows} | {r["id"] for r in self.rejects}
 
 
+def _h_strings(*parts: str) -> str:
+    """``_h`` of strings, without building the JSON through the general encoder (the planner
+    hashes every row): the same bytes ``json.dumps`` writes for a list of strings."""
+    blob = "[" + ", ".join(map(encode_basestring_ascii, parts)) + "]"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def assign_ids(scanned: list[dict], cfg: Config) -> None:
     for r in scanned:
-        r["sha_sample"] = _h(r["sha_image"] or r.get("image_ref") or "", r["sha_text"],
-                             r["sha_audio"] or r.get("audio_ref") or "", r["label"])
+        if r.get("sha_sample"):   # assigned already (a streamed plan assigns when rows arrive)
+            continue
+        parts = (r["sha_image"] or r.get("image_ref") or "", r["sha_text"],
+                 r["sha_audio"] or r.get("audio_ref") or "", r["label"])
+        r["sha_sample"] = _h_strings(*parts) if all(type(p) is str for p in parts) else _h(*parts)
         if not r["id"]:
             r["id"] = r["sha_sample"]
         if not r["split"]:
