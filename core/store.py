@@ -330,11 +330,11 @@ class DataFiles:
     to FILE_ROWS rows in row groups of GROUP_ROWS go out (pyarrow, memory bounded by one row
     group); ``Store.commit`` makes them visible in one transaction. Named after the run, so that
     ``Store.recover`` can remove the files of a run that died before committing. Written with
-    pyarrow rather than delta-rs's writer: that one buffers whole files (1.3 GB of a 100k-row
-    commit) and cannot be fed a stream that reads the table it writes."""
+    pyarrow rather than delta-rs's writer: that one buffers whole files in memory (RESULTS.md)
+    and cannot be fed a stream that reads the table it writes."""
 
     FILE_ROWS = 250_000
-    GROUP_ROWS = 8192
+    GROUP_ROWS = 2048   # feature rows are kilobytes each: row groups of tens of MB at most
     PREFIX = "part-mmpipe-"
 
     def __init__(self, store: Store, which: str, run_id: str):

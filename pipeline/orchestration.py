@@ -65,14 +65,14 @@ class Pipeline:
                             cache_dir=str(self.store.local_dir("cache", "http")) if self.store else "")
 
     # -- run hooks ----------------------------------------------------------------------------
-    def _scope(self, spec: StageSpec, local: bool, removed: frozenset[str] = frozenset()) -> RunScope:
+    def _scope(self, spec: StageSpec, local: bool, removed: frozenset[str] = frozenset(), incoming: int = 0) -> RunScope:
         stored = None
         if self.store is not None:
             store = self.store
             stored = lambda columns: store.batches("features", columns, filter=_originals())  # noqa: E731
         return RunScope(self.run_id, spec.cls.Params.model_validate(spec.params), local=local,
                         cache_dir=str(self.store.local_dir("cache")) if self.store else "",
-                        stored=stored, removed=removed)
+                        stored=stored, removed=removed, incoming=incoming)
 
     def start_early(self, new_inputs: int) -> None:
         """Call the stages' ``start_run`` when the pass will surely run in actors: Ray is up and
@@ -84,9 +84,10 @@ class Pipeline:
             spec.cls.start_run(scope)
             self._open.setdefault(spec.cls, scope)
 
-    def open_stages(self, specs: list[StageSpec], local: bool, removed: frozenset[str] = frozenset()) -> None:
+    def open_stages(self, specs: list[StageSpec], local: bool, removed: frozenset[str] = frozenset(),
+                    incoming: int = 0) -> None:
         for spec in specs:
-            scope = self._scope(spec, local, removed)
+            scope = self._scope(spec, local, removed, incoming)
             self._open[spec.cls] = scope
             spec.cls.open_run(scope)
 
@@ -161,7 +162,7 @@ class Pipeline:
         if not local and not self.info.get("ray_started"):
             self.info = ensure_ray(self.cfg, self.info, log)
             self.specs = self._resolve(self.info["num_cpus"])
-        self.open_stages(self.specs, local, removed)
+        self.open_stages(self.specs, local, removed, len(rows))
         self.local = local
         return process(rows, self.specs, self.context, self.cfg, self.info["num_cpus"], local, shards(local),
                        shared_disk=not self.info.get("remote"))

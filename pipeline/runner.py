@@ -50,7 +50,8 @@ PARTIAL_CHUNK = 100_000   # partial rows filled from the store per pass over the
 
 def _staged_batches(staged: list[Path], columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     for path in staged:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=8192, columns=columns)
+        # Small batches: a feature row is kilobytes decoded, and the reader holds a few batches.
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns)
 
 
 def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: Path) -> Spill:

@@ -100,6 +100,7 @@ class RunScope:
     # The stored original rows (aug 0) as Arrow record batches, for the given columns; None: no store.
     stored: Callable[[list[str]], Iterable[Any]] | None = None
     removed: frozenset[str] = frozenset()   # stored ids this run removes from the store
+    incoming: int = 0                       # rows this run's processing pass takes (for sizing)
 
 
 def fingerprint_of(name: str, version: int, params: dict[str, Any]) -> str:

@@ -754,6 +754,7 @@ class StoredSignatures:
     stored: Callable[[list[str]], Iterable[Any]] | None = None
     removed: frozenset[str] = frozenset()
     pairs: tuple[tuple[str, str], ...] = ()     # (id, dedup_sig)
+    incoming: int = 0                           # rows the run will check (they grow the index too)
 
     def count(self) -> int:
         """Stored rows, counted without reading their signatures."""
@@ -818,11 +819,11 @@ _ACTORS: dict[str, Any] = {}
 
 
 def shard_count(p: DedupParams, source: StoredSignatures) -> int:
-    """``shards`` when set, else one shard per ``rows_per_shard`` stored rows, at most one per CPU."""
+    """``shards`` when set, else one shard per ``rows_per_shard`` rows (stored and incoming), at most one per CPU."""
     if p.shards:
         return p.shards
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    return 1 if cpus <= 1 else max(1, min(math.ceil(source.count() / p.rows_per_shard), cpus))
+    return 1 if cpus <= 1 else max(1, min(math.ceil((source.count() + source.incoming) / p.rows_per_shard), cpus))
 
 
 class IndexActor:
@@ -988,7 +989,7 @@ class Dedup(Stage):
     def open_run(cls, scope: RunScope) -> None:
         """Hand the index where to read the stored signatures: it reads them itself."""
         name = index_name(scope.run_id)
-        stored = StoredSignatures(scope.stored, scope.removed)
+        stored = StoredSignatures(scope.stored, scope.removed, incoming=scope.incoming)
         if name in _ACTORS and not scope.local:
             seed_index(name, stored)
         else:
