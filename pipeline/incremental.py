@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from core.config import Config
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, reject_record
@@ -111,10 +112,7 @@ class Planner:
                             input=self.input, buckets=self.n)
         by_id = Partitioned(f / "by_id", SCANNED, self.n, "id", base_id)
         for part in self.by_content.close().parts:   # 2: exact whole-sample duplicates
-            rows = sorted(part.table().to_pylist(), key=lambda r: r["row"])
-            if self.dedup:
-                mark_content_duplicates(rows)
-            by_id.add(pa.Table.from_pylist(rows, schema=SCANNED))
+            by_id.add(self._content_duplicates(part.table()))
         lin_f = Partitioned(f / "lineage_features", _select(FEATURES_SCHEMA, FEATURE_LINEAGE), self.n, "id", base_id)
         lin_r = Partitioned(f / "lineage_rejects", _select(REJECTS_SCHEMA, REJECT_LINEAGE), self.n, "id", base_id)
         if self.store is not None:                   # 3: the store's lineage, streamed
@@ -125,8 +123,14 @@ class Planner:
         candidates = Spill(f / "candidates.parquet", CANDIDATE)
         touched: list[np.ndarray] = []
         for inputs, stored_f, stored_r in zip(by_id.close().parts, lin_f.close().parts, lin_r.close().parts):
-            lineage = lineage_of(stored_f.table(), stored_r.table())   # 4: each id bucket against its lineage
-            bucket, found = plan_rows(inputs.table().to_pylist(), lineage, self.fps, self.cfg, dedup=False)
+            inputs, stored_f, stored_r = inputs.table(), stored_f.table(), stored_r.table()
+            same = self._unchanged(inputs, stored_f, stored_r)   # 4: each id bucket against its lineage
+            if len(same):
+                plan.unchanged += len(same)
+                inputs = inputs.filter(pc.invert(pc.is_in(inputs["id"], value_set=same)))
+                stored_f = stored_f.filter(pc.invert(pc.is_in(stored_f["id"], value_set=same)))
+            lineage = lineage_of(stored_f, stored_r)
+            bucket, found = plan_rows(inputs.to_pylist(), lineage, self.fps, self.cfg, dedup=False)
             self._record(plan, bucket, lineage)
             candidates.add_rows(found)
             touched.append(key_hashes(sorted(bucket.processed_ids | bucket.removed)))
@@ -134,6 +138,40 @@ class Planner:
         for spill in (plan.rows, plan.rejects, plan.feature_tombs, plan.reject_tombs, plan.removed_ids):
             spill.close()
         return plan
+
+    def _content_duplicates(self, rows: pa.Table) -> pa.Table:
+        """``mark_content_duplicates`` over one content bucket; nothing to do (and no row made a
+        Python object) when every content hash among the rows the scan kept is distinct."""
+        kept = rows.filter(pc.equal(rows["reject_reason"], ""))
+        if not self.dedup or pc.count_distinct(kept["sha_sample"]).as_py() == kept.num_rows:
+            return rows
+        out = sorted(rows.to_pylist(), key=lambda r: r["row"])
+        mark_content_duplicates(out)
+        return pa.Table.from_pylist(out, schema=SCANNED)
+
+    def _unchanged(self, inputs: pa.Table, stored: pa.Table, stored_rejects: pa.Table) -> pa.Array:
+        """Ids of one bucket that ``plan_rows`` would find unchanged, found with Arrow joins so
+        that a rerun turns no unchanged row into a Python object: kept by the scan, stored as
+        an original feature row (and not as a reject) made by today's fingerprints, with the same
+        label, split and content hashes. Only for a bucket whose ids are distinct and plain (a
+        repeated id's renaming needs every row of it); other rows go through ``plan_rows``."""
+        none = pa.array([], pa.string())
+        ids = inputs["id"]
+        if inputs.num_rows == 0 or stored.num_rows == 0 or pc.count_distinct(ids).as_py() != inputs.num_rows \
+                or pc.any(pc.match_substring(ids, "~")).as_py():
+            return none
+        fp = pc.equal(stored["aug"], 0)
+        for m in (*MODALITIES, "sample"):
+            fp = pc.and_(fp, pc.equal(stored[f"fp_{m}"], self.fps[m]))
+        compared = ["label", "split"] + [f"sha_{m}" for m in MODALITIES]
+        old = stored.filter(fp).select(["id", *compared])
+        new = inputs.filter(pc.equal(inputs["reject_reason"], "")).select(["id", *compared])
+        joined = new.join(old, keys="id", join_type="inner", right_suffix="_old")
+        same = pc.equal(joined["label"], joined["label_old"])
+        for c in compared[1:]:
+            same = pc.and_(same, pc.equal(joined[c], joined[c + "_old"]))
+        out = joined.filter(same)["id"].combine_chunks()   # null (a missing value) never counts as same
+        return out.filter(pc.invert(pc.is_in(out, value_set=stored_rejects["id"].combine_chunks())))
 
     def _record(self, plan: StreamedPlan, bucket: Plan, lineage: Lineage) -> None:
         plan.rows.add_rows(bucket.rows)

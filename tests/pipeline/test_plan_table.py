@@ -398,3 +398,20 @@ def test_streamed_plan_equals_the_plan_in_memory(case: Case, bucket_rows: int, t
     assert sorted((r["id"], r["aug"]) for r in got.feature_tombs.dicts()) == \
         sorted((i, a) for i in touched for a in stored.keys.get(i, []))
     assert sorted(r["id"] for r in got.reject_tombs.dicts()) == sorted(i for i in touched if i in stored.rejects)
+
+
+def test_a_streamed_rerun_decides_unchanged_rows_without_making_them_python_rows(tmp_path, monkeypatch):
+    """Unchanged rows of a bucket with distinct ids are found by Arrow joins: ``plan_rows`` sees
+    only the changed row, and the plan still counts every unchanged one."""
+    import pipeline.incremental as inc
+
+    stored = [feat(f"u{i}", text=f"t{i}") for i in range(6)]
+    scanned = [scan(f"u{i}", text=f"t{i}" if i != 2 else "changed", row=i) for i in range(6)]
+    seen = []
+    real = inc.plan_rows
+    monkeypatch.setattr(inc, "plan_rows", lambda rows, *a, **k: (seen.extend(r["id"] for r in rows), real(rows, *a, **k))[1])
+    planner = inc.Planner(_LineageStore(lineage(*stored)), FPS, CFG, "run-1", tmp_path, expected_rows=6)
+    planner.add(scanned)
+    got = planner.finish()
+    assert seen == ["u2"]
+    assert got.unchanged == 5 and [r["id"] for r in got.rows.dicts()] == ["u2"]
