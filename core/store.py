@@ -146,11 +146,14 @@ class Store:
 
     def batches(self, which: str, columns: list[str], filter: pc.Expression | None = None,
                 version: int | None = None) -> Iterator[pa.RecordBatch]:
-        """A table's rows as a stream of record batches (never the whole table in memory)."""
+        """A table's rows as a stream of record batches (never the whole table in memory), read
+        ahead little: a feature row is kilobytes, and pyarrow's default read-ahead (16 batches of
+        4 files) held hundreds of MB."""
         dt = self.table(self.uri_of(which), version)
         if dt is None:
             return iter(())
-        return dt.to_pyarrow_dataset().to_batches(columns=columns, filter=filter)
+        return dt.to_pyarrow_dataset().to_batches(columns=columns, filter=filter, batch_size=4096,
+                                                  batch_readahead=2, fragment_readahead=1)
 
     def count(self, which: str, filter: pc.Expression | None = None) -> int:
         """Rows of a table (matching ``filter``), counted by the reader, no row materialised."""
@@ -396,7 +399,7 @@ class DataFiles:
 
         full = self.store.path_of(self.which, path)
         with self.store.fs.open_input_file(full) as f:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)   # pre-buffering reads the whole file
             if not pc.any(pc.is_in(row_keys(pf.read(columns=_key_columns(self.which)), self.which), value_set=delete)).as_py():
                 return False
             for g in range(pf.num_row_groups):

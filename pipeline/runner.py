@@ -50,8 +50,9 @@ PARTIAL_CHUNK = 100_000   # partial rows filled from the store per pass over the
 
 def _staged_batches(staged: list[Path], columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     for path in staged:
-        # Small batches: a feature row is kilobytes decoded, and the reader holds a few batches.
-        yield from pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns)
+        # Small batches, no pre-buffering (it reads every row group of the file up front): a
+        # feature row is kilobytes decoded.
+        yield from pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=1024, columns=columns)
 
 
 def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: Path) -> Spill:
@@ -66,9 +67,9 @@ def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: 
         partial += batch.filter(pc.and_(keep, pc.equal(batch["aug"], 0)))["id"].to_pylist()
     for k in range(0, len(partial), PARTIAL_CHUNK):
         ids = pa.array(partial[k:k + PARTIAL_CHUNK], pa.string())
-        old = store.read("features", filter=pc.field("id").isin(ids),
-                         columns=["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES])
-        by_key = {(r["id"], r["aug"]): r for r in old.to_pylist()}
+        columns = ["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES]
+        by_key = {(r["id"], r["aug"]): r for batch in store.batches("features", columns, pc.field("id").isin(ids))
+                  for r in batch.to_pylist()}
         for batch in _staged_batches(staged):
             rows = batch.filter(pc.and_(pc.not_equal(batch["keep"], ""), pc.is_in(batch["id"], value_set=ids))).to_pylist()
             for r in rows:

@@ -91,7 +91,7 @@ def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[object]
         for batch in reader:
             yield from batch.to_pylist()
     else:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        for batch in pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=chunk_rows):
             yield from batch.to_pylist()
 
 
