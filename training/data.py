@@ -1,13 +1,16 @@
-"""The features table as training data: label mapping, modality selection, arrays, Ray Datasets.
+"""Feature rows as training data: label mapping, modality selection, arrays.
 
-A split is held as a dict of numpy arrays (``Arrays``): ``<m>_emb`` ``[N, d_m]`` float32 and
+A batch or a split is a dict of numpy arrays (``Arrays``): ``<m>_emb`` ``[N, d_m]`` float32 and
 ``<m>_mask`` ``[N]`` float32 per selected modality, ``label_idx`` ``[N]`` int64 (-1 when unknown).
-The same column names flow through the Ray Dataset into ``iter_torch_batches``.
+The same column names flow through the Ray Dataset into ``iter_torch_batches``. Training reads
+the table as a stream (``training.stream``); ``read_features`` and ``prepare`` are for small
+tables held in memory (predict, tests).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +104,17 @@ def n_rows(arrays: Arrays) -> int:
     return len(next(iter(arrays.values())))
 
 
+class DataInfo(Protocol):
+    """What a model spec and the class weights need: ``TrainingData`` in memory, or the streamed
+    ``training.stream.FeaturesSummary``."""
+
+    classes: list[str]
+    modalities: list[str]
+    dims: dict[str, int]
+
+    def class_counts(self) -> np.ndarray: ...
+
+
 @dataclass
 class TrainingData:
     """What training needs from the features table, already split and mapped."""
@@ -110,7 +124,7 @@ class TrainingData:
     dims: dict[str, int]
     train: Arrays
     val: Arrays
-    test: Arrays
+    test: Arrays = field(default_factory=dict)
     test_ids: list[str] = field(default_factory=list)
     version: int | None = None
 
@@ -151,13 +165,6 @@ def prepare(table: pa.Table, modalities: list[str], *, use_augmented: bool = Tru
     return data
 
 
-def load_training_data(store: str | Path, modalities: list[str], *, use_augmented: bool = True,
-                       version: int | None = None) -> TrainingData:
-    data = prepare(read_features(store, version), modalities, use_augmented=use_augmented)
-    data.version = version
-    return data
-
-
 def to_arrow(arrays: Arrays) -> pa.Table:
     """Arrays as an Arrow table with fixed-size list embeddings (what Ray Data turns into tensors)."""
     cols = {}
@@ -169,12 +176,18 @@ def to_arrow(arrays: Arrays) -> pa.Table:
     return pa.table(cols)
 
 
-def train_dataset(arrays: Arrays, seed: int):
-    """The Ray Dataset for training: shuffled with a seed that changes with every epoch (execution)."""
+def shuffled(ds, seed: int):
+    """A Ray Dataset shuffled with a seed that changes with every epoch (execution)."""
     import ray.data
 
-    ds = ray.data.from_arrow(to_arrow(arrays))
     return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def train_dataset(arrays: Arrays, seed: int):
+    """Arrays in memory as a shuffled Ray Dataset (benchmarks; training streams, see training.stream)."""
+    import ray.data
+
+    return shuffled(ray.data.from_arrow(to_arrow(arrays)), seed)
 
 
 def to_tensors(arrays: Arrays, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

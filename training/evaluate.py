@@ -1,4 +1,5 @@
-"""Test-split evaluation (whole split, on the driver), metrics.json and PNG plots."""
+"""Test-split evaluation streamed batch by batch (confusion counts, ROC state, modality-weight
+sums: bounded, whatever the split's size), metrics.json and PNG plots."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import label_binarize
+
+EXACT_ROC_SCORES = 4_000_000   # scores kept for an exact ROC-AUC (16 MB); beyond, histograms
+ROC_BINS = 1 << 14
 
 
 def roc_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
@@ -19,27 +23,150 @@ def roc_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
     for c in range(n_classes):
         positives = onehot[:, c].sum()
         per_class.append(float(roc_auc_score(onehot[:, c], probs[:, c])) if 0 < positives < len(y) else None)
+    return _roc_summary(per_class)
+
+
+def _roc_summary(per_class: list[float | None]) -> dict[str, Any]:
     scored = [v for v in per_class if v is not None]
     return {"macro": float(np.mean(scored)) if scored else None, "per_class": per_class}
 
 
+class Confusion:
+    """A confusion matrix summed over batches, and the scores read from it (sklearn's definitions,
+    zero where undefined)."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.matrix = np.zeros((n_classes, n_classes), np.int64)
+
+    def update(self, y: np.ndarray, pred: np.ndarray) -> None:
+        k = len(self.matrix)
+        self.matrix += np.bincount(np.asarray(y) * k + np.asarray(pred), minlength=k * k).reshape(k, k)
+
+    @property
+    def n(self) -> int:
+        return int(self.matrix.sum())
+
+    def accuracy(self) -> float:
+        return float(np.trace(self.matrix) / self.n) if self.n else 0.0
+
+    def per_class(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(precision, recall, F1, support) per class."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        support, predicted = self.matrix.sum(axis=1), self.matrix.sum(axis=0)
+        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+        recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+        denom = support + predicted
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        return precision, recall, f1, support
+
+    def macro_f1(self) -> float:
+        return float(self.per_class()[2].mean())
+
+
+class RocCurves:
+    """One-vs-rest ROC-AUC over a stream: exact while at most ``exact_scores`` scores have been
+    seen (they are kept), then per class a histogram of scores per outcome, so memory stays
+    bounded; a histogram AUC counts a positive and a negative in the same bin as a tie."""
+
+    def __init__(self, n_classes: int, exact_scores: int = EXACT_ROC_SCORES, bins: int = ROC_BINS) -> None:
+        self.n_classes, self.exact_scores, self.bins = n_classes, exact_scores, bins
+        self.ys: list[np.ndarray] | None = []
+        self.probs: list[np.ndarray] = []
+        self.kept = 0
+        self.hist = np.zeros((n_classes, 2, bins), np.int64)   # [class, positive?, bin]
+
+    def update(self, y: np.ndarray, probs: np.ndarray) -> None:
+        if self.ys is not None:
+            self.ys.append(np.asarray(y))
+            self.probs.append(np.asarray(probs, np.float32))
+            self.kept += probs.size
+            if self.kept > self.exact_scores:   # too many to keep: fold them into histograms
+                ys, ps, self.ys, self.probs = self.ys, self.probs, None, []
+                for y_, p_ in zip(ys, ps):
+                    self._add(y_, p_)
+            return
+        self._add(np.asarray(y), np.asarray(probs))
+
+    def _add(self, y: np.ndarray, probs: np.ndarray) -> None:
+        idx = np.clip((probs * self.bins).astype(np.int64), 0, self.bins - 1)
+        for c in range(self.n_classes):
+            positive = (y == c).astype(np.int64)
+            self.hist[c] += np.bincount(positive * self.bins + idx[:, c], minlength=2 * self.bins).reshape(2, self.bins)
+
+    def result(self) -> dict[str, Any]:
+        if self.ys is not None:
+            if not self.ys or not sum(len(y) for y in self.ys):
+                return {"macro": None, "per_class": []}
+            return roc_auc(np.concatenate(self.ys), np.concatenate(self.probs), self.n_classes)
+        per_class = []
+        for neg, pos in self.hist:
+            n_pos, n_neg = pos.sum(), neg.sum()
+            if n_pos == 0 or n_neg == 0:
+                per_class.append(None)
+                continue
+            below = np.cumsum(neg) - neg   # negatives in lower bins
+            per_class.append(float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg)))
+        return _roc_summary(per_class)
+
+
+class StreamingMetrics:
+    """The test-split metrics, updated batch by batch."""
+
+    def __init__(self, n_classes: int, exact_roc_scores: int = EXACT_ROC_SCORES) -> None:
+        self.confusion = Confusion(n_classes)
+        self.roc = RocCurves(n_classes, exact_roc_scores)
+
+    def update(self, y: np.ndarray, probs: np.ndarray) -> None:
+        if len(y):
+            self.confusion.update(y, probs.argmax(axis=1))
+            self.roc.update(y, probs)
+
+    def result(self, classes: list[str]) -> dict[str, Any]:
+        """Accuracy, macro precision / recall / F1, per-class figures, confusion matrix, ROC-AUC."""
+        c = self.confusion
+        p, r, f, s = c.per_class()
+        return {
+            "n": c.n,
+            "accuracy": c.accuracy(),
+            "macro_precision": float(p.mean()),
+            "macro_recall": float(r.mean()),
+            "macro_f1": float(f.mean()),
+            "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                 "support": int(s[i])} for i, name in enumerate(classes)},
+            "confusion_matrix": c.matrix.tolist(),
+            "roc_auc": self.roc.result(),
+        }
+
+
 def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro precision / recall / F1, per-class figures, confusion matrix, ROC-AUC."""
-    labels = list(range(len(classes)))
-    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    mp, mr, mf, _ = precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
-    return {
-        "n": int(len(y)),
-        "accuracy": float(accuracy_score(y, pred)) if len(y) else 0.0,
-        "macro_precision": float(mp),
-        "macro_recall": float(mr),
-        "macro_f1": float(mf),
-        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
-        "roc_auc": roc_auc(y, probs, len(classes)) if len(y) else {"macro": None, "per_class": []},
-    }
+    """``StreamingMetrics`` over one batch: the metrics of predictions held in memory."""
+    metrics = StreamingMetrics(len(classes))
+    metrics.update(np.asarray(y), probs)
+    return metrics.result(classes)
+
+
+class ModalityWeights:
+    """Sums of a fusion's per-sample modality weights: the mean over all samples (metrics.json)
+    and the mean over the samples where each modality is present (the plot)."""
+
+    def __init__(self, modalities: list[str]) -> None:
+        self.modalities = modalities
+        k = len(modalities)
+        self.total, self.present_total, self.present = np.zeros(k), np.zeros(k), np.zeros(k)
+        self.n = 0
+
+    def update(self, weights: np.ndarray, mask: np.ndarray) -> None:
+        present = mask > 0
+        self.total += weights.sum(axis=0, dtype=np.float64)
+        self.present_total += np.where(present, weights, 0).sum(axis=0, dtype=np.float64)
+        self.present += present.sum(axis=0)
+        self.n += len(weights)
+
+    def mean(self) -> dict[str, float]:
+        return dict(zip(self.modalities, (self.total / max(self.n, 1)).round(4).tolist()))
+
+    def mean_where_present(self) -> list[float]:
+        return [float(t / p) if p else 0.0 for t, p in zip(self.present_total, self.present)]
 
 
 def write_metrics(model_dir: Path, metrics: dict[str, Any]) -> Path:
@@ -99,11 +226,9 @@ def plot_curves(history: list[dict[str, Any]], best_epoch: int, path: Path) -> P
     return path
 
 
-def plot_modality_weights(weights: np.ndarray, mask: np.ndarray, modalities: list[str], path: Path) -> Path:
+def plot_modality_weights(means: list[float], modalities: list[str], path: Path) -> Path:
     """Mean weight per modality over the test samples where that modality is present."""
     plt = _pyplot()
-    present = mask > 0
-    means = [float(weights[present[:, i], i].mean()) if present[:, i].any() else 0.0 for i in range(len(modalities))]
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.bar(modalities, means, color="tab:blue")
     ax.set_ylabel("mean modality weight (where present)")

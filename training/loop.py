@@ -10,15 +10,15 @@ import copy
 import math
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from core.config import TrainingConfig
-from training.data import LABEL, Arrays, TrainingData, iterate, model_inputs, n_rows, to_tensors
+from training.data import LABEL, Arrays, DataInfo, TrainingData, iterate, model_inputs, n_rows
+from training.evaluate import Confusion
 from training.fusion import FusionModel, build_fusion
 
 
@@ -43,12 +43,12 @@ class ModelSpec:
         return asdict(self)
 
 
-def model_spec(data: TrainingData, tc: TrainingConfig, fusion: str) -> ModelSpec:
+def model_spec(data: DataInfo, tc: TrainingConfig, fusion: str) -> ModelSpec:
     return ModelSpec(fusion, list(data.modalities), dict(data.dims), list(data.classes), tc.hidden, tc.dropout,
                      tc.modality_dropout, dict(tc.extra))
 
 
-def class_weights(data: TrainingData, enabled: bool) -> list[float] | None:
+def class_weights(data: DataInfo, enabled: bool) -> list[float] | None:
     """Inverse-frequency class weights, normalised to mean 1 over the classes seen in training."""
     if not enabled:
         return None
@@ -181,40 +181,58 @@ def train_steps(state: TrainState, batches: Iterable[dict[str, torch.Tensor]]) -
     return total / max(count, 1)
 
 
+Batches = Iterable[dict[str, torch.Tensor]]
+ValSource = Union[Arrays, Callable[[], Batches]]   # arrays in memory, or a fresh pass per call
+
+
 @torch.no_grad()
+def predict_batch(model: FusionModel, batch: dict[str, torch.Tensor], device: torch.device,
+                  amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities of one batch (the caller puts the model in eval mode), and the
+    per-sample modality weights when the model exposes them."""
+    embs, mask = model_inputs(batch, model.modalities, device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        logits = model(embs, mask)
+    probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    weights = model.last_weights.cpu().numpy() if model.exposes_weights and model.last_weights is not None else None
+    return probs, weights
+
+
 def predict_proba(model: FusionModel, arrays: Arrays, batch_size: int = 1024,
                   device: torch.device | str = "cpu", amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class probabilities over a whole split (bare model, eval mode), and the per-sample modality
-    weights when the model exposes them."""
+    """Class probabilities over a whole split held in memory (bare model, eval mode), and the
+    per-sample modality weights when the model exposes them."""
     model.eval()
     device = torch.device(device)
     probs, weights = [], []
-    n = n_rows(arrays)
-    for start in range(0, n, batch_size):
-        chunk = to_tensors({k: v[start : start + batch_size] for k, v in arrays.items()})
-        embs, mask = model_inputs(chunk, model.modalities, device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            logits = model(embs, mask)
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
-        if model.exposes_weights and model.last_weights is not None:
-            weights.append(model.last_weights.cpu().numpy())
+    for batch in iterate(arrays, batch_size):
+        p, w = predict_batch(model, batch, device, amp)
+        probs.append(p)
+        if w is not None:
+            weights.append(w)
     empty = np.zeros((0, model.n_classes), np.float32)
     return (np.concatenate(probs) if probs else empty), (np.concatenate(weights) if weights else None)
 
 
-def validate(state: TrainState, val: Arrays) -> tuple[float, float, float]:
-    """(loss, macro-F1, accuracy) on the whole validation set."""
-    probs, _ = predict_proba(state.net, val, state.tc.eval_batch_size, state.device, state.amp)
-    y = val[LABEL]
+def validate(state: TrainState, val: ValSource) -> tuple[float, float, float]:
+    """(loss, macro-F1, accuracy) on the whole validation set, batch by batch."""
+    batches = iterate(val, state.tc.eval_batch_size) if isinstance(val, dict) else val()
+    state.net.eval()
     w = state.loss_fn.weight
-    loss = nn.functional.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), torch.as_tensor(y),
-                                  weight=None if w is None else w.cpu())
-    pred = probs.argmax(axis=1)
-    f1 = f1_score(y, pred, average="macro", labels=list(range(len(state.spec.classes))), zero_division=0)
-    return float(loss), float(f1), float(accuracy_score(y, pred))
+    weights = None if w is None else w.detach().cpu().numpy().astype(np.float64)
+    confusion = Confusion(len(state.spec.classes))
+    loss, total = 0.0, 0.0
+    for batch in batches:
+        probs, _ = predict_batch(state.net, batch, state.device, state.amp)
+        y = batch[LABEL].cpu().numpy().astype(np.int64)
+        wy = np.ones(len(y)) if weights is None else weights[y]
+        loss += float((wy * -np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))).sum())
+        total += float(wy.sum())
+        confusion.update(y, probs.argmax(axis=1))
+    return loss / total if total else 0.0, confusion.macro_f1(), confusion.accuracy()
 
 
-def run_epoch(state: TrainState, batches: Iterable[dict[str, torch.Tensor]], val: Arrays | None,
+def run_epoch(state: TrainState, batches: Batches, val: ValSource | None,
               comm: Collective = Collective()) -> EpochStats:
     """Train one epoch, validate on rank 0, agree on the verdict, update best / early stopping.
 

@@ -1,5 +1,10 @@
 """Train a fusion classifier on the features table: Ray Train (DDP) or in-process, then evaluate.
 
+The driver never holds the table: class names, dims and counts come from ``training.stream``'s
+aggregates over a pinned snapshot, Ray Data feeds the Ray Train workers from that snapshot, and
+the test split is scored batch by batch. The local engine reads the train and val splits into
+memory and is meant for small tables (``LOCAL_MAX_ROWS``).
+
 ``train(cfg, store)`` writes ``<store>/models/<name>/``: model.pt (best checkpoint by validation
 macro-F1, with what ``predict`` needs to rebuild it), metrics.json, PNG plots. With the Ray engine
 the run lives under ``<store>/models/_ray/<name>``: relaunching an unfinished run with the same name
@@ -15,21 +20,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from core.config import Config, ConfigError, TrainingConfig
-from training.data import LABEL, TrainingData, check_modalities, load_training_data, n_rows, train_dataset
-from training.evaluate import (classification_metrics, plot_confusion, plot_curves, plot_modality_weights,
+from training.data import LABEL, Arrays, TrainingData, check_modalities, shuffled, to_tensors
+from training.evaluate import (ModalityWeights, StreamingMetrics, plot_confusion, plot_curves, plot_modality_weights,
                                write_metrics)
-from training.fusion import check_fusion
+from training.fusion import FusionModel, check_fusion
 from training.loop import (ModelSpec, TorchCollective, TrainState, class_weights, fit_local, model_spec,
-                           predict_proba, run_epoch, seed_everything)
+                           predict_batch, run_epoch, seed_everything)
+from training.stream import FeaturesSummary, open_snapshot, summarize
 
 log = logging.getLogger(__name__)
+GLOBAL_SHUFFLE_ROWS = 200_000   # train rows up to which each epoch is a full random shuffle
+SHUFFLE_BUFFER_ROWS = 20_000    # rows each worker's iterator shuffles in, above that
 FAULT_ENV = "MMPIPE_TRAIN_FAULT"   # "EPOCH:MARKER": the last worker exits at EPOCH once (tests)
+# The local engine holds the train and val splits in this process; bigger tables take the Ray
+# engine, which streams them. (A ``training.local_max_rows`` setting would belong in core/config.py.)
+LOCAL_MAX_ROWS = 200_000
 
 
 @dataclass
@@ -63,7 +74,15 @@ def _outcome(state: dict[str, Any]) -> FitOutcome:
 # ---------------------------------------------------------------- engines
 
 
-def _fit_local(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
+def _fit_local(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
+    """In this process, over the train and val splits read into memory (small tables only)."""
+    rows = summary.n_train + (summary.n_val or summary.n_train)
+    if rows > LOCAL_MAX_ROWS:
+        raise ConfigError(f"training.engine=local holds the train and val splits in memory ({rows} rows, "
+                          f"at most {LOCAL_MAX_ROWS}); use training.engine=ray, which streams them")
+    snap = summary.snapshot
+    train = summary.rows("train", use_augmented=tc.use_augmented).load(snap)
+    data = TrainingData(summary.classes, summary.modalities, summary.dims, train, summary.rows("val").load(snap))
     return _outcome(fit_local(data, tc, spec.fusion).state_dict())
 
 
@@ -101,9 +120,16 @@ def ray_train_loop(config: dict[str, Any]) -> None:
         state.resumed_at.append(state.epoch)
     comm = TorchCollective(device)
     shard = ray.train.get_dataset_shard("train")
+    val = None
+    if rank == 0:   # validation runs on rank 0 over the whole (unsplit) val dataset
+        val_it = ray.train.get_dataset_shard("val")
+        val = lambda: val_it.iter_torch_batches(batch_size=tc.eval_batch_size)  # noqa: E731
     while state.epoch < tc.epochs and not state.stopped:
         _maybe_fail(config.get("fault"), state.epoch, rank, world)
-        stats = run_epoch(state, shard.iter_torch_batches(batch_size=tc.batch_size), config["val"], comm)
+        buffer = config.get("shuffle_buffer") or None
+        batches = shard.iter_torch_batches(batch_size=tc.batch_size, local_shuffle_buffer_size=buffer,
+                                           local_shuffle_seed=tc.seed * 1000 + state.epoch * 10 + rank if buffer else None)
+        stats = run_epoch(state, batches, val, comm)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -131,7 +157,8 @@ def _cpus_per_worker(tc: TrainingConfig) -> float:
     return cpus
 
 
-def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
+def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
+    """Ray Train workers fed by Ray Data straight from the snapshot: the driver holds no rows."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -140,16 +167,28 @@ def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: s
         ray.init()
     storage, name = run_dir.rsplit("/", 1)
     cpus = _cpus_per_worker(tc)
-    per_worker = math.ceil(n_rows(data.train) // tc.num_workers / tc.batch_size)   # equal split
+    per_worker = math.ceil(summary.n_train // tc.num_workers / tc.batch_size)   # equal split
+    snap = summary.snapshot
+    # The val split is read once into the object store (not the driver): every epoch's rank-0
+    # validation then reads blocks instead of re-scanning the table for a tenth of its rows.
+    train = summary.rows("train", use_augmented=tc.use_augmented).ray_dataset(snap)
+    # A global shuffle holds whole partitions in its reduce tasks (GBs at a million rows); past
+    # GLOBAL_SHUFFLE_ROWS the train split is shuffled as large datasets are: block order, then a
+    # shuffle buffer in each worker's iterator.
+    windowed = summary.n_train > GLOBAL_SHUFFLE_ROWS
+    datasets = {"train": train.randomize_block_order(seed=tc.seed) if windowed else shuffled(train, tc.seed),
+                "val": summary.rows("val").ray_dataset(snap).materialize()}
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"training": tc.model_dump(), "spec": spec.to_dict(), "val": data.val,
-                           "weights": class_weights(data, tc.class_weights), "steps_per_epoch": max(per_worker, 1),
+        train_loop_config={"training": tc.model_dump(), "spec": spec.to_dict(),
+                           "weights": class_weights(summary, tc.class_weights), "steps_per_epoch": max(per_worker, 1),
+                           "shuffle_buffer": SHUFFLE_BUFFER_ROWS if windowed else 0,
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": cpus,
                                                                      **({"GPU": 1} if tc.use_gpu else {})}),
-        datasets={"train": train_dataset(data.train, tc.seed)},
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
@@ -161,7 +200,7 @@ def _fit_ray(data: TrainingData, tc: TrainingConfig, spec: ModelSpec, run_dir: s
         return _outcome(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
 
 
-ENGINES: dict[str, Callable[[TrainingData, TrainingConfig, ModelSpec, str], FitOutcome]] = {
+ENGINES: dict[str, Callable[[FeaturesSummary, TrainingConfig, ModelSpec, str], FitOutcome]] = {
     "local": _fit_local,
     "ray": _fit_ray,
 }
@@ -178,24 +217,40 @@ def save_model(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, features_v
     return path
 
 
-def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, data: TrainingData,
+def score(model: FusionModel, batches: Iterable[Arrays], classes: list[str],
+          modalities: list[str]) -> tuple[StreamingMetrics, ModalityWeights | None]:
+    """Predict batch by batch, keeping only the metrics' running state."""
+    model.eval()
+    metrics, weights = StreamingMetrics(len(classes)), None
+    for arrays in batches:
+        probs, w = predict_batch(model, to_tensors(arrays), torch.device("cpu"))
+        metrics.update(arrays[LABEL], probs)
+        if w is not None:
+            if weights is None:
+                weights = ModalityWeights(modalities)
+            weights.update(w, np.stack([arrays[f"{m}_mask"] for m in modalities], axis=1))
+    return metrics, weights
+
+
+def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, summary: FeaturesSummary,
                        tc: TrainingConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    """Score the best weights on the whole test split; write metrics.json and plots."""
+    """Score the best weights on the whole test split, streamed; write metrics.json and plots."""
     model = spec.build()
     model.load_state_dict(outcome.best_state)
-    probs, weights = predict_proba(model, data.test, tc.eval_batch_size)
-    metrics = classification_metrics(data.test[LABEL], probs, spec.classes)
+    test = summary.rows("test").stream(summary.snapshot, tc.eval_batch_size)
+    scores, weights = score(model, test, spec.classes, spec.modalities)
+    metrics = scores.result(spec.classes)
     plots = [plot_confusion(metrics["confusion_matrix"], spec.classes, model_dir / "confusion_matrix.png"),
              plot_curves(outcome.history, outcome.best_epoch, model_dir / "training_curves.png")]
-    if weights is not None and len(weights):
-        mask = np.stack([data.test[f"{m}_mask"] for m in spec.modalities], axis=1)
-        plots.append(plot_modality_weights(weights, mask, spec.modalities, model_dir / "modality_weights.png"))
-        metrics["modality_weights"] = dict(zip(spec.modalities, weights.mean(axis=0).round(4).tolist()))
+    if weights is not None and weights.n:
+        plots.append(plot_modality_weights(weights.mean_where_present(), spec.modalities,
+                                           model_dir / "modality_weights.png"))
+        metrics["modality_weights"] = weights.mean()
     metrics.update(
         fusion=spec.fusion, modalities=spec.modalities, classes=spec.classes, best_epoch=outcome.best_epoch,
         val_macro_f1=outcome.best_f1, history=outcome.history, resumed_at=outcome.resumed_at,
-        n_train=n_rows(data.train), n_val=n_rows(data.val), features_version=data.version,
-        plots=[p.name for p in plots], training=tc.model_dump(), **extra)
+        n_train=summary.n_train, n_val=summary.n_val or summary.n_train, features_version=summary.version,
+        features_snapshot=summary.snapshot.version, plots=[p.name for p in plots], training=tc.model_dump(), **extra)
     write_metrics(model_dir, metrics)
     return metrics
 
@@ -241,8 +296,8 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
     fusion = fusion or tc.fusion
     modalities = check_request(store, fusion, modalities or tc.modalities, tc.features_version)
     name = name or tc.name or default_name(fusion, modalities)
-    data = load_training_data(store, modalities, use_augmented=tc.use_augmented, version=tc.features_version)
-    spec = model_spec(data, tc, fusion)
+    summary = summarize(open_snapshot(store, tc.features_version), modalities, use_augmented=tc.use_augmented)
+    spec = model_spec(summary, tc, fusion)
     spec.build()   # fail on a bad fusion name / extra before any worker starts
     model_dir = Path(store) / "models" / name
     run_dir = f"{_ray_storage(store)}/{name}"
@@ -251,9 +306,9 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
             shutil.rmtree(run_dir, ignore_errors=True)
         (model_dir / "metrics.json").unlink()
     model_dir.mkdir(parents=True, exist_ok=True)
-    outcome = ENGINES[tc.engine](data, tc, spec, run_dir)
-    save_model(model_dir, spec, outcome, data.version)
-    metrics = evaluate_and_write(model_dir, spec, outcome, data, tc,
+    outcome = ENGINES[tc.engine](summary, tc, spec, run_dir)
+    save_model(model_dir, spec, outcome, summary.version)
+    metrics = evaluate_and_write(model_dir, spec, outcome, summary, tc,
                                  {"name": name, "engine": tc.engine, "num_workers": tc.num_workers,
                                   "stage_fingerprints": _stage_fingerprints(store)})
     log.info("trained %s: test accuracy %.3f, macro-F1 %.3f", name, metrics["accuracy"], metrics["macro_f1"])

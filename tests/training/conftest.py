@@ -5,6 +5,9 @@ Four classes c0..c3: the image embedding tells {c0,c1} from {c2,c3}, the text em
 (never all three). Only a fusion of image and text can name the class."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -80,3 +83,46 @@ def small_config(**training) -> Config:
     base = dict(epochs=12, batch_size=32, hidden=32, lr=5e-3, dropout=0.1, modality_dropout=0.15, patience=6,
                 engine="local", num_workers=2, cpus_per_worker=0.5)
     return Config.model_validate({"training": {**base, **training}})
+
+
+class NoWholeTable:
+    """A pyarrow dataset whose files may be listed and opened, but which is never read whole."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getattr__(self, name):
+        if name in ("to_table", "to_batches", "scanner", "head", "take"):
+            raise AssertionError(f"the driver read the whole features table (Dataset.{name})")
+        return getattr(self.dataset, name)
+
+
+@contextmanager
+def no_table_in_driver() -> Iterator[dict[str, int]]:
+    """While it is open, every way this process could read the features table whole raises, and
+    the streamed batches are counted (``batches``, ``max_rows``). Ray workers are other processes."""
+    import training.data
+    import training.stream
+    import training.train
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver materialised the features table")
+
+    seen = {"batches": 0, "max_rows": 0}
+    dataset, batches = training.stream.Snapshot.dataset, training.stream.Snapshot.batches
+
+    def counted(self, *a, **k):
+        for batch in batches(self, *a, **k):
+            seen["batches"] += 1
+            seen["max_rows"] = max(seen["max_rows"], batch.num_rows)
+            yield batch
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (training.data, training.train):
+            for name in ("read_features", "prepare"):
+                mp.setattr(module, name, refuse, raising=False)
+        mp.setattr("core.store.Store.read", refuse)
+        mp.setattr("deltalake.DeltaTable.to_pyarrow_table", refuse)
+        mp.setattr(training.stream.Snapshot, "dataset", lambda self: NoWholeTable(dataset(self)))
+        mp.setattr(training.stream.Snapshot, "batches", counted)
+        yield seen

@@ -1,4 +1,5 @@
-"""Ray Train V2: a 2-worker CPU DDP run, recovery from a killed worker, and predict round-trip."""
+"""Ray Train V2: a 2-worker CPU DDP run fed from the snapshot by Ray Data (the driver never holds
+the table), recovery from a killed worker, and predict round-trip."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from tests.training.conftest import make_features, small_config, write_store
+from tests.training.conftest import make_features, no_table_in_driver, small_config, write_store
 from training.data import read_features
 from training.predict import load_model, predict_table
+from training.stream import READ_ROWS, SplitRows
 from training.train import FAULT_ENV, train
 
 
@@ -26,11 +28,20 @@ def ray_local():
 def trained(ray_local, tmp_path_factory):
     store = write_store(tmp_path_factory.mktemp("ray_store"), make_features(n=240))
     cfg = small_config(engine="ray", epochs=3, fusion="attention")
-    return store, train(cfg, store, name="ddp")
+    with pytest.MonkeyPatch.context() as mp, no_table_in_driver() as seen:
+        mp.setattr(SplitRows, "load", lambda *a: pytest.fail("the Ray engine loaded a split into the driver"))
+        result = train(cfg, store, name="ddp")
+    return store, result, seen
+
+
+def test_the_driver_streams_and_never_holds_the_table(trained):
+    _, result, seen = trained   # trained under no_table_in_driver: nothing read the table whole
+    assert seen["batches"] > 0 and seen["max_rows"] <= READ_ROWS * 64
+    assert result.metrics["n"] == sum(result.metrics["per_class"][c]["support"] for c in result.metrics["classes"])
 
 
 def test_two_worker_run_writes_model_metrics_and_plots(trained):
-    store, result = trained
+    store, result, _ = trained
     assert result.model_dir.name == "ddp"
     for f in ("metrics.json", "model.pt", "confusion_matrix.png", "training_curves.png", "modality_weights.png"):
         assert (result.model_dir / f).stat().st_size > 0, f
@@ -42,7 +53,7 @@ def test_two_worker_run_writes_model_metrics_and_plots(trained):
 
 
 def test_predict_table_reproduces_the_test_accuracy(trained):
-    store, result = trained
+    store, result, _ = trained
     table = read_features(store)
     test = table.filter((table["split"].to_numpy(zero_copy_only=False) == "test") & (table["aug"].to_numpy() == 0))
     out = predict_table(result.model_dir, test)
@@ -52,6 +63,21 @@ def test_predict_table_reproduces_the_test_accuracy(trained):
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     accuracy = np.mean(np.asarray(out["prediction"].to_pylist()) == np.asarray(test["label"].to_pylist()))
     assert accuracy == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+
+
+def test_a_large_train_split_is_shuffled_by_block_order_and_a_buffer(ray_local, tmp_path, monkeypatch):
+    """Past GLOBAL_SHUFFLE_ROWS the train split is not shuffled globally (its reduce tasks would
+    hold whole partitions): block order plus each worker's shuffle buffer, and it still learns."""
+    import ray.data
+
+    import training.train as tt
+
+    monkeypatch.setattr(tt, "GLOBAL_SHUFFLE_ROWS", 10)
+    monkeypatch.setattr(ray.data.Dataset, "random_shuffle",
+                        lambda *a, **k: pytest.fail("a global shuffle above GLOBAL_SHUFFLE_ROWS"))
+    store = write_store(tmp_path, make_features(n=240))
+    result = train(small_config(engine="ray", epochs=3, fusion="attention"), store, name="windowed")
+    assert len(result.metrics["history"]) == 3 and result.metrics["accuracy"] > 0.4
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):

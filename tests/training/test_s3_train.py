@@ -1,10 +1,12 @@
 """Training reads an ``s3://`` store through the store API (endpoint, credentials, allow-http):
 ``mmpipe run`` writes the store on S3 (moto on loopback), ``train`` reads it, and ``predict``
-uses the model trained from it."""
+uses the model trained from it; Ray Data reads the same snapshot for the Ray engine's workers."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -15,7 +17,8 @@ from pipeline.demo import make_demo
 from pipeline.runner import run
 from tests.pipeline.helpers import config
 from tests.pipeline.test_s3_store import BUCKET, s3  # noqa: F401  (the moto server fixture)
-from training.data import read_features
+from training.data import LABEL, read_features
+from training.stream import open_snapshot, summarize
 from training.train import train
 
 
@@ -56,3 +59,18 @@ def test_missing_table_or_version_on_s3_is_a_user_error(s3_store):
         read_features(uri, version=latest + 1)
     with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/no-store/features; run `mmpipe run` first"):
         read_features(f"s3://{BUCKET}/no-store")
+
+
+def test_the_ray_engine_reads_the_s3_snapshot_through_ray_data(s3_store):
+    """What the Ray engine gives its workers: read tasks that open the snapshot on S3 with the
+    store's storage options, rows equal to the driver's streamed read of the same split."""
+    _, _, uri, cfg, _ = s3_store
+    summary = summarize(open_snapshot(uri), cfg.training.modalities)
+    rows = summary.rows("train")
+    remote = rows.ray_dataset(summary.snapshot).to_arrow_refs()
+    import ray
+
+    read = pa.concat_tables(ray.get(remote))
+    streamed = list(rows.stream(summary.snapshot))
+    assert read.num_rows == summary.n_train == sum(len(b[LABEL]) for b in streamed) > 0
+    assert sorted(read[LABEL].to_pylist()) == sorted(np.concatenate([b[LABEL] for b in streamed]).tolist())
