@@ -336,7 +336,7 @@ class DataFiles:
     pyarrow rather than delta-rs's writer: that one buffers whole files in memory (RESULTS.md)
     and cannot be fed a stream that reads the table it writes."""
 
-    FILE_ROWS = 250_000
+    FILE_ROWS = 32_768   # a read task of training takes a whole file: keep one to tens of MB stored
     GROUP_ROWS = 2048   # feature rows are kilobytes each: row groups of tens of MB at most
     PREFIX = "part-mmpipe-"
 
