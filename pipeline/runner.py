@@ -57,28 +57,35 @@ def _staged_batches(staged: list[Path], columns: list[str] | None = None) -> Ite
 
 def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: Path) -> Spill:
     """Rows that recomputed only some modalities (``keep``) take the others from the stored row,
-    ``PARTIAL_CHUNK`` ids per pass over the staged rows; written to a spill (the Delta writer
-    reads the stream inside its own runtime, which cannot open the table again)."""
-    schema = FEATURES_SCHEMA.append(pa.field("keep", pa.string()))
+    ``PARTIAL_CHUNK`` ids per pass over the staged rows, column by column in Arrow (an embedding
+    never becomes Python floats); written to a spill, read by the commit."""
     filled = Spill(folder / "partial.parquet", FEATURES_SCHEMA)
     partial: list[str] = []
     for batch in _staged_batches(staged, ["id", "aug", "keep"]):
         keep = pc.and_(pc.not_equal(batch["keep"], ""), pc.invert(pc.is_in(batch["id"], value_set=rejected)))
         partial += batch.filter(pc.and_(keep, pc.equal(batch["aug"], 0)))["id"].to_pylist()
+    columns = ["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES]
+    stored_schema = pa.schema([FEATURES_SCHEMA.field(c) for c in columns])
     for k in range(0, len(partial), PARTIAL_CHUNK):
         ids = pa.array(partial[k:k + PARTIAL_CHUNK], pa.string())
-        columns = ["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES]
-        by_key = {(r["id"], r["aug"]): r for batch in store.batches("features", columns, pc.field("id").isin(ids))
-                  for r in batch.to_pylist()}
+        old = pa.Table.from_batches([b.cast(stored_schema) for b in store.batches("features", columns, pc.field("id").isin(ids))],
+                                    schema=stored_schema)
+        old_keys = row_keys(old, "features").combine_chunks()
         for batch in _staged_batches(staged):
-            rows = batch.filter(pc.and_(pc.not_equal(batch["keep"], ""), pc.is_in(batch["id"], value_set=ids))).to_pylist()
-            for r in rows:
-                prev = by_key.get((r["id"], r["aug"]))
-                if prev is None:
-                    raise RuntimeError(f"stored row {r['id']} aug={r['aug']} vanished during the run")
-                for m in r["keep"].split(","):
-                    r[f"has_{m}"], r[f"{m}_emb"] = prev[f"has_{m}"], prev[f"{m}_emb"]
-            filled.add(pa.Table.from_pylist(rows, schema=schema))
+            part = pa.Table.from_batches([batch]).filter(
+                pc.and_(pc.not_equal(batch["keep"], ""), pc.is_in(batch["id"], value_set=ids)))
+            if part.num_rows == 0:
+                continue
+            at = pc.index_in(row_keys(part, "features"), value_set=old_keys)
+            if at.null_count:
+                lost = part.filter(pc.is_null(at)).slice(0, 1).to_pylist()[0]
+                raise RuntimeError(f"stored row {lost['id']} aug={lost['aug']} vanished during the run")
+            prev = old.take(at)
+            for m in MODALITIES:
+                kept = pc.match_substring_regex(part["keep"], f"(^|,){m}(,|$)")
+                for col in (f"has_{m}", f"{m}_emb"):
+                    part = part.set_column(part.schema.get_field_index(col), col, pc.if_else(kept, prev[col], part[col]))
+            filled.add(part)
     return filled.close()
 
 
