@@ -107,8 +107,11 @@ def _commit(sink: Any, run_id: str) -> None:
     import pyarrow.parquet as pq
 
     result = sink.close()
-    table = pa.concat_tables([pq.read_table(p) for p in result.staged]).drop_columns(["keep"])
-    sink.shards.store.merge("features", table, pa.table({"id": pa.array([], pa.string())}), run_id)
+    store = sink.shards.store
+    files = store.data_files("features", run_id)   # the pipeline's commit path: data files, one transaction
+    for path in result.staged:
+        files.write(pq.read_table(path).drop_columns(["keep"]))
+    store.commit("features", files, pa.array([], pa.string()), run_id)
 
 
 def process_start() -> float:

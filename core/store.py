@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
@@ -167,43 +167,6 @@ class Store:
             for item in pc.value_counts(batch.column(0)).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         return counts
-
-    def merge(self, which: str, new: pa.Table | pa.RecordBatchReader, delete_keys: pa.Table, run_id: str,
-              metadata: dict | None = None, rows: int | None = None) -> int | None:
-        """One Delta commit: upsert ``new`` (a table, or a stream of ``rows`` rows read once, never
-        held whole) and delete ``delete_keys`` (key columns only). Returns the new table version,
-        or None when there was nothing to write."""
-        schema = new.schema
-        keys = ["id", "aug"] if which == "features" else ["id"]
-        rows = new.num_rows if isinstance(new, pa.Table) else rows
-        if rows == 0 and delete_keys.num_rows == 0:
-            return None
-        props = CommitProperties(custom_metadata={"mmpipe.run_id": run_id, **(metadata or {})})
-        uri = self.uri_of(which)
-        dt = self.table(uri)
-        if dt is None:
-            write_deltalake(uri, new, mode="error", storage_options=self.storage_options,
-                            commit_properties=props, name=which,
-                            description=json.dumps(metadata or {}))
-            return 0
-        tomb = pa.table({c: delete_keys[c] if c in keys else pa.nulls(delete_keys.num_rows, schema.field(c).type)
-                         for c in schema.names})
-        flagged = schema.append(pa.field("_delete", pa.bool_()))
-
-        def source():
-            for batch in (new.to_batches() if isinstance(new, pa.Table) else new):
-                yield pa.RecordBatch.from_arrays([*batch.columns, pa.array([False] * batch.num_rows, pa.bool_())], schema=flagged)
-            for batch in tomb.to_batches():
-                yield pa.RecordBatch.from_arrays([*batch.columns, pa.array([True] * batch.num_rows, pa.bool_())], schema=flagged)
-
-        predicate = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        (dt.merge(pa.RecordBatchReader.from_batches(flagged, source()), predicate, source_alias="s", target_alias="t",
-                  commit_properties=props, streamed_exec=True)
-           .when_matched_delete("s._delete = true")
-           .when_matched_update_all(predicate="s._delete = false", except_cols=["_delete"])
-           .when_not_matched_insert_all(predicate="s._delete = false", except_cols=["_delete"])
-           .execute())
-        return dt.version()
 
     def data_files(self, which: str, run_id: str) -> "DataFiles":
         """A writer of this run's Parquet data files for table ``which`` (committed by ``commit``)."""

@@ -11,7 +11,6 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from core.config import Config, ConfigError, Resources, StageConfig
-from core.store import Store
 from stages.base import MODALITIES, Stage
 from stages.registry import resolve_stage
 
@@ -201,21 +200,6 @@ class Lineage:
     features: dict[str, dict[str, str]] = field(default_factory=dict)   # aug=0 rows
     rejects: dict[str, dict[str, str]] = field(default_factory=dict)
     keys: dict[str, list[int]] = field(default_factory=dict)            # id -> aug indices stored
-
-
-def read_lineage(store: Store) -> Lineage:
-    """What the store holds now, per id."""
-    lin = Lineage()
-    cols = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]
-    for batch in store.batches("features", cols):
-        for row in batch.to_pylist():
-            lin.keys.setdefault(row["id"], []).append(row["aug"])
-            if row["aug"] == 0:
-                lin.features[row["id"]] = row
-    for batch in store.batches("rejects", ["id", "reason", "detail", "sha_sample", "fp_all"]):
-        for row in batch.to_pylist():
-            lin.rejects[row["id"]] = row
-    return lin
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, normalize_batch, reject_record
+from core.schema import FEATURES_SCHEMA, normalize_batch, reject_record
 from core.store import Store
 from pipeline.spill import Spill
 from stages.base import MODALITIES, STATS_COLUMN, Batch, StageStats, decode_stats, num_rows
@@ -298,6 +298,3 @@ class BatchRow(Mapping):
     def __len__(self) -> int:
         return len(self.batch)
 
-
-def rejects_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)

@@ -50,10 +50,6 @@ def _clean(value) -> str | None:
     return text if text.strip() != "" else None
 
 
-def read_manifest(path: Path) -> list[SourceRecord]:
-    return [rec for chunk in iter_manifest(path) for rec in chunk]
-
-
 def iter_manifest(path: Path, chunk_rows: int = 10_000) -> Iterator[list[SourceRecord]]:
     """The manifest's records in chunks of ``chunk_rows``, read as a stream (never the whole file)."""
     suffix = path.suffix.lower()

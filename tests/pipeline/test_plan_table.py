@@ -1,7 +1,7 @@
 """The incremental planner, table-driven and without Ray: stored state x scanned input -> plan.
 
-Each case states what the store holds (aug-0 feature rows and rejects, as ``read_lineage`` returns
-them), the rows the scan produced and the expected plan: the ids to process (with ``redo`` and
+Each case states what the store holds (aug-0 feature rows and rejects, as ``pipeline.incremental.lineage_of``
+builds them), the rows the scan produced and the expected plan: the ids to process (with ``redo`` and
 ``keep``), the rejects decided at plan time (with their reason), and the unchanged, removed and
 partial ids. Every case also checks the accounting invariant (each input id in exactly one of rows,
 rejects, unchanged) and that planning the same input twice gives the same plan.
