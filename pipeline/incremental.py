@@ -18,7 +18,7 @@ their first (``x``) meet."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,6 @@ class StreamedPlan:
     removed: int = 0
     partial: int = 0
     buckets: int = 1
-    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def to_process(self) -> int:

@@ -112,10 +112,6 @@ class Partitioned:
             if hi > lo:
                 self.parts[k].add(taken.slice(lo, hi - lo))
 
-    def add_rows(self, rows: list[dict], schema: pa.Schema) -> None:
-        if rows:
-            self.add(pa.Table.from_pylist(rows, schema=schema))
-
     def close(self) -> "Partitioned":
         for part in self.parts:
             part.close()
