@@ -83,6 +83,9 @@ class ExecutionConfig(Strict):
     # Plans this small (typical incremental runs) skip the actor pools and run the stages in the
     # driver: an actor pool's start-up costs more than the work. 0 = always use Ray Data.
     local_max_rows: int = Field(200, ge=0)
+    # ... and only while the store holds at most this many rows: run-wide state such as dedup's
+    # index grows with the store and belongs in actors, not in the driver.
+    local_max_stored_rows: int = Field(100_000, ge=0)
     # Rows per bucket of a streamed plan: the input and the store's lineage are split into buckets
     # by id hash and planned one bucket at a time, so planning memory stays flat as rows grow.
     plan_bucket_rows: int = Field(100_000, ge=1)

@@ -158,7 +158,10 @@ class Pipeline:
             rows = plan
         if not len(rows):
             return iter(())
-        local = runs_locally(rows, self.specs, self.cfg)
+        # A stage's run state may grow with the store (dedup's index seeds from every stored row):
+        # in the driver only while the store is small too.
+        stored = self.store.count("features", _originals()) if self.store is not None else 0
+        local = runs_locally(rows, self.specs, self.cfg) and stored <= self.cfg.execution.local_max_stored_rows
         if not local and not self.info.get("ray_started"):
             self.info = ensure_ray(self.cfg, self.info, log)
             self.specs = self._resolve(self.info["num_cpus"])

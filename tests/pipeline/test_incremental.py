@@ -150,6 +150,20 @@ def test_second_writer_is_refused(own, tmp_path):
             go(folder, manifest, tmp_path / "s")
 
 
+def test_a_small_plan_on_a_large_store_runs_in_actors(own, tmp_path):
+    """A plan under local_max_rows still goes to the actors when the store holds more than
+    local_max_stored_rows originals: dedup's index, seeded from every stored row, stays out of the driver."""
+    folder, manifest = own
+    store = tmp_path / "s"
+    small = {"execution": {"local_max_rows": 1000, "local_max_stored_rows": 10}}
+    assert go(folder, manifest, store, small)["execution"] == "driver"   # the store was empty
+    rows = rows_of(manifest)
+    rows[0]["text"] = "one changed caption about the sea"
+    write_rows(manifest, rows)
+    rec = go(folder, manifest, store, small)
+    assert rec["counts"]["processed"] == 1 and rec["execution"] == "ray-data"
+
+
 def test_small_plans_run_in_the_driver_with_the_same_result(own, tmp_path):
     folder, manifest = own
     ray_rec = go(folder, manifest, tmp_path / "ray")
