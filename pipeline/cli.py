@@ -41,14 +41,17 @@ def run(config: Path = typer.Argument(..., help="YAML config"),
         input: Optional[str] = typer.Option(None, "--input", help="Manifest, folder or shards (source.path)"),
         store: Optional[str] = typer.Option(None, "--store", help="Store path or URI"),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to run against (or RAY_ADDRESS)"),
+        profile: bool = typer.Option(False, "--profile", help="Also print where the wall time went and each stage's CPU time"),
         set_: list[str] = SetOpt) -> None:
     """Run the pipeline: only what changed since the last run is processed."""
-    from pipeline.report import format_run
+    from pipeline.report import format_profile, format_run, process_start_time
     from pipeline.runner import run as run_pipeline
 
     cfg = _config(config, set_, source__path=input, store=store, ray__address=address)
-    result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True))
+    result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True), release_ray=True)
     typer.echo(format_run(result.record))
+    if profile:
+        typer.echo(format_profile(result.record, process_start_time()))
 
 
 @app.command()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -16,7 +18,8 @@ from core.config import Config, Resources
 from pipeline.plan import StageSpec
 from pipeline.spill import Spill
 from core.schema import normalize_batch
-from stages.base import (STATS_COLUMN, Batch, StageContext, decode_stats, encode_stats, match_library_threads, num_rows,
+from stages.media import forget_decoded
+from stages.base import (STATS_COLUMN, Batch, StageContext, StageStats, decode_stats, encode_stats, match_library_threads, num_rows,
                          object_column, rows_to_batch)
 
 @dataclass
@@ -76,6 +79,42 @@ def init_ray(cfg: Config) -> dict[str, Any]:
             "remote": remote or len(ray.nodes()) > 1, "ray_started": True}
 
 
+class RayStart:
+    """``ray.init`` on a thread of its own, so that the driver reads and plans while Ray's
+    processes start (3-4 s on a 2-core machine, RESULTS.md). The thread stays parked until
+    ``shutdown`` (or the process's end): Linux ties Ray's child processes to the thread that
+    started them (PR_SET_PDEATHSIG), and they would be killed, not shut down, with it."""
+
+    def __init__(self, cfg: Config):
+        self.info: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._ready, self._release = threading.Event(), threading.Event()
+        threading.Thread(target=self._run, args=(cfg,), name="mmpipe-ray-start", daemon=True).start()
+
+    def _run(self, cfg: Config) -> None:
+        try:
+            self.info = init_ray(cfg)
+        except BaseException as exc:   # handed to the thread that waits for Ray
+            self.error = exc
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> dict[str, Any]:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.info is not None
+        return self.info
+
+    def shutdown(self) -> None:
+        self._ready.wait()
+        try:
+            ray.shutdown()
+        finally:
+            self._release.set()
+
+
 def cluster_facts(cfg: Config) -> dict[str, Any]:
     """Ray's facts when Ray is up or the config names a cluster (connecting to it); otherwise this
     machine's, without starting Ray: a run whose plan the driver handles alone (``runs_locally``)
@@ -126,9 +165,16 @@ class StageChain:
         if not num_rows(batch):
             return
         if self.shards is not None:
-            from pipeline.sinks import write_block_shards
+            from pipeline.sinks import SHARD_WRITING, write_block_shards
 
-            yield from write_block_shards([batch], **self.shards)
+            start, wall = time.perf_counter(), time.time()
+            out = write_block_shards([batch], **self.shards)
+            n = num_rows(batch)
+            record = StageStats(SHARD_WRITING, rows_in=n, rows_out=n, seconds=time.perf_counter() - start,
+                                first=wall, last=time.time())
+            first = out[0][STATS_COLUMN]
+            first[0] = encode_stats(decode_stats(first[0]) + [record])
+            yield from out
         elif self.drop_media:
             from pipeline.sinks import drop_media
 
@@ -137,6 +183,12 @@ class StageChain:
             yield batch
 
     def run_block(self, batch: Batch) -> Batch:
+        try:
+            return self._run_block(batch)
+        finally:
+            forget_decoded()   # the block's decoded media served its stages (stages/media.py)
+
+    def _run_block(self, batch: Batch) -> Batch:
         batch = normalize_batch(batch)
         # Earlier pools' records leave the rows while the stages run (a stage that copies rows
         # would copy them too) and come back on the first row.

@@ -4,6 +4,7 @@ plan and process through ``Pipeline``. It names no stage: what a stage needs aro
 sees (an index, a cache) it opens and closes in its own run hooks, which ``Pipeline`` calls."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -12,7 +13,7 @@ import ray
 
 from core.config import Config
 from core.store import Store
-from pipeline.execution import PlanRows, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
+from pipeline.execution import PlanRows, RayStart, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
 from pipeline.plan import Lineage, Plan, StageSpec, fingerprints, make_plan, resolve_stages, scan_spec
 from pipeline.sources import SourceRecord
 from stages.base import Batch, RunScope, Stage, StageContext, StageStats, object_column
@@ -33,8 +34,11 @@ class Pipeline:
     include: Callable[[type[Stage]], bool] = lambda stage: True
     local: bool = True                                   # the last pass ran in this process
     scan_stats: StageStats | None = None                 # what the last ``scan_chunks`` did
+    ray_wait_s: float = 0.0                              # how long the last pass waited for Ray to start
     _open: dict[type[Stage], RunScope] = field(default_factory=dict)   # hooks to close, in order
     _failed: bool = False
+    _ray_start: RayStart | None = None
+    _started_ray: bool = False
 
     @classmethod
     def build(cls, cfg: Config, run_id: str, store: Store | None = None,
@@ -75,9 +79,14 @@ class Pipeline:
                         stored=stored, removed=removed, incoming=incoming)
 
     def start_early(self, new_inputs: int) -> None:
-        """Call the stages' ``start_run`` when the pass will surely run in actors: Ray is up and
-        more inputs are new than ``execution.local_max_rows``."""
-        if not self.info.get("ray_started") or new_inputs <= self.cfg.execution.local_max_rows:
+        """When the pass will surely run in actors (more inputs are new than
+        ``execution.local_max_rows``): start Ray in the background if it is not up (the driver
+        reads and plans meanwhile), else call the stages' ``start_run`` now."""
+        if new_inputs <= self.cfg.execution.local_max_rows:
+            return
+        if not self.info.get("ray_started"):
+            if self._ray_start is None:
+                self._ray_start = RayStart(self.cfg)
             return
         for spec in self.specs:
             scope = self._scope(spec, local=False)
@@ -90,6 +99,19 @@ class Pipeline:
             scope = self._scope(spec, local, removed, incoming)
             self._open[spec.cls] = scope
             spec.cls.open_run(scope)
+
+    def release_ray(self) -> threading.Thread | None:
+        """After the last pass: close the stages' run hooks (their actors) and shut down the Ray
+        that this pipeline started, on a thread, so that the driver's commit overlaps Ray's
+        shutdown (a second or more). None when it did not start Ray."""
+        if not self._started_ray:
+            return None
+        self.close()
+        self._started_ray = False
+        stop = self._ray_start.shutdown if self._ray_start is not None else ray.shutdown
+        stopping = threading.Thread(target=stop, name="mmpipe-ray-shutdown")
+        stopping.start()
+        return stopping
 
     def close(self) -> None:
         """Every opened stage's ``close_run``, whatever happened (each is called once)."""
@@ -163,7 +185,15 @@ class Pipeline:
         stored = self.store.count("features", _originals()) if self.store is not None else 0
         local = runs_locally(rows, self.specs, self.cfg) and stored <= self.cfg.execution.local_max_stored_rows
         if not local and not self.info.get("ray_started"):
-            self.info = ensure_ray(self.cfg, self.info, log)
+            started = time.perf_counter()
+            if self._ray_start is not None:
+                self.info = self._ray_start.wait()
+                if self.info.get("dashboard_url"):
+                    log(f"Ray dashboard: http://{self.info['dashboard_url']}")
+            else:
+                self.info = ensure_ray(self.cfg, self.info, log)
+            self.ray_wait_s = time.perf_counter() - started
+            self._started_ray = not self.info.get("remote")
             self.specs = self._resolve(self.info["num_cpus"])
         self.open_stages(self.specs, local, removed, len(rows))
         self.local = local

@@ -23,7 +23,7 @@ from pipeline.execution import PlanRows, shards_in_actors
 from pipeline.incremental import Planner, StreamedPlan
 from pipeline.spill import Spill
 from pipeline.orchestration import Pipeline, timed
-from pipeline.sinks import RunSink, SinkResult
+from pipeline.sinks import SHARD_WRITING, RunSink, SinkResult
 from pipeline.sources import iter_source, source_size
 from stages.base import MODALITIES, StageStats
 
@@ -124,16 +124,19 @@ def commit(store: Store, plan: StreamedPlan, sink: SinkResult, run_id: str, dims
 
 
 def _stage_table(stats: dict[str, StageStats]) -> dict[str, dict]:
+    stats = {name: s for name, s in stats.items() if name != SHARD_WRITING}
     return {name: {"rows": s.rows_in, "rows_out": s.rows_out, "seconds": round(s.seconds, 3),
                    "rows_per_s": round(s.rows_in / s.seconds, 1) if s.seconds > 0 else None,
                    "rejected": dict(s.rejected)}
             for name, s in stats.items()}
 
 
-def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
+def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = False) -> RunResult:
     """Resolve, read and scan, plan, process, commit, record: one run, its phases timed. Every
     phase streams: the source in chunks, the plan bucket by bucket on local spills, the rows
-    through the stages block by block, the commit from the staged files."""
+    through the stages block by block, the commit from the staged files. ``release_ray``: shut
+    down the Ray this run started as soon as the processing pass is over (``mmpipe run``, whose
+    process ends with the run), while the driver commits."""
     store = Store(cfg.store)
     run_id = new_run_id()
     pipe = Pipeline.build(cfg, run_id, store)   # every stage validated before any data is read
@@ -155,6 +158,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
             f"{plan.removed} removed, {plan.planned_rejects} rejected at ingest")
         sink = RunSink(store, run_id, pipe.fps, staging, cfg.execution.shard_max_count, rejects=plan.rejects)
         sink.add_stats(pipe.scan_stats)
+        pass_start = time.time()
         with timed(phases, "process", peaks):
             batches = pipe.process(PlanRows(spill=plan.rows),
                                    lambda local: _actor_shards(cfg, store, run_id, pipe.info, local), log,
@@ -163,14 +167,34 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> RunResult:
                 sink.add(batch)
                 _fault_point("during_stages")
             result = sink.close()
+        marks = {"started": started, "pass_start": pass_start, "pass_end": time.time()}
+        stopping = pipe.release_ray() if release_ray else None
         _fault_point("before_commit")
         with timed(phases, "commit", peaks):
             committed = commit(store, plan, result, run_id, result.dims)
     record = _record(cfg, store, run_id, plan, result, committed, started, phases, pipe, peaks)
+    record["profile"] = _profile(marks, result, pipe)
     _fault_point("before_record")
     store.write_text(f"runs/{run_id}.json", json.dumps(record, indent=2, default=str))
     shutil.rmtree(staging, ignore_errors=True)
+    if stopping is not None:
+        wait = time.perf_counter()
+        stopping.join()
+        record["profile"]["ray_shutdown_wait_s"] = round(time.perf_counter() - wait, 3)
     return RunResult(run_id, record, store)
+
+
+def _profile(marks: dict[str, float], result: SinkResult, pipe: Pipeline) -> dict:
+    """Where the wall time went besides the phases: waiting for Ray, the pass's start-up (to the
+    first row in one of its stages) and drain (after the last), shard writing. Times are epoch s."""
+    names = {s.name for s in pipe.specs}
+    stats = [s for name, s in result.stage_stats.items() if name in names and s.first]
+    shards = result.stage_stats.get(SHARD_WRITING)
+    return {**{k: round(v, 3) for k, v in marks.items()}, "ray_wait_s": round(pipe.ray_wait_s, 3),
+            "first_row": round(min(s.first for s in stats), 3) if stats else None,
+            "last_row": round(max(s.last for s in stats), 3) if stats else None,
+            "shard_writing_s": round(shards.seconds, 3) if shards else 0.0}
+
 
 
 def _actor_shards(cfg: Config, store: Store, run_id: str, info: dict, local: bool) -> dict | None:

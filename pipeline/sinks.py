@@ -126,6 +126,9 @@ def presence(batch: Batch, m: str) -> np.ndarray:
     return np.asarray(has, dtype=bool) if has is not None else np.array([v is not None for v in batch[m]], dtype=bool)
 
 
+SHARD_WRITING = "(shard writing)"   # the stats record of writing samples to shards (not a stage)
+
+
 def write_block_shards(batches: list[Batch], store_uri: str, run_id: str, max_count: int) -> list[Batch]:
     """In a stage actor: the accepted rows of one Ray Data block into shards of their own, closed
     before any row leaves the actor, so a row the driver sees is in a complete shard. The name comes
@@ -232,9 +235,14 @@ class RunSink:
                 self.result.dims[m] = emb.shape[1]
             embs[m] = emb
         written = batch.get("shard")   # by the actor that made the rows, or here
+        if written is None:
+            start, wall = time.perf_counter(), time.time()
+            written = {i: self.shards.write(sample_record(batch, i, self.run_id)) for i in rows}
+            self.add_stats(StageStats(SHARD_WRITING, rows_in=len(rows), rows_out=len(rows),
+                                      seconds=time.perf_counter() - start, first=wall, last=time.time()))
         has = {m: presence(batch, m) for m in MODALITIES}
         for i in rows:
-            shard = written[i] if written is not None else self.shards.write(sample_record(batch, i, self.run_id))
+            shard = written[i]
             for name in ("id", "label", "split", "aug_params", "dedup_sig", "dropped", "meta"):
                 cols[name].append(str(batch[name][i]))
             cols["aug"].append(int(batch["aug"][i]))

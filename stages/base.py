@@ -65,12 +65,17 @@ class StageStats:
     seconds: float = 0.0
     bytes_in: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    first: float = 0.0      # wall clock (epoch s) when the stage started on its first rows; 0: never
+    last: float = 0.0       # ... and when it finished its last ones
 
     def add(self, other: "StageStats") -> None:
         self.rows_in += other.rows_in
         self.rows_out += other.rows_out
         self.seconds += other.seconds
         self.bytes_in += other.bytes_in
+        if other.first:
+            self.first = min(self.first or other.first, other.first)
+        self.last = max(self.last, other.last)
         for reason, count in other.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
 
@@ -187,12 +192,14 @@ class Stage:
 
     # -- rows -------------------------------------------------------------------------------
     def __call__(self, batch: Batch) -> Batch:
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         n_in = num_rows(batch)
         out = self.process(batch)
         self.stats.rows_in += n_in
         self.stats.rows_out += num_rows(out)
         self.stats.seconds += time.perf_counter() - start
+        self.stats.first = self.stats.first or wall
+        self.stats.last = time.time()
         return out
 
     def take_stats(self) -> StageStats:

@@ -12,7 +12,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
 from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
-from stages.media import encode_image
+from stages.media import IMAGE_FORMATS, encode_image, remember
 from stages.registry import register_stage
 
 # What PIL (or one of its many format plugins) may raise on hostile or damaged bytes.
@@ -21,6 +21,10 @@ DEFAULT_INPUT_FORMATS = ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"]  # JPEG co
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ALPHA_MODES = {"P", "PA", "LA", "La", "RGBA", "RGBa"}
 _SRGB = ImageCms.createProfile("sRGB")
+# Header facts that leave the pixels and the privacy of a file as they are: an image holding only
+# these may be stored as it came (no EXIF, ICC, XMP, comments or text chunks to strip).
+_PLAIN_INFO = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "progressive", "progression",
+               "adobe", "adobe_transform", "gamma", "srgb", "aspect"}
 
 
 class ImageParams(StageParams):
@@ -36,6 +40,7 @@ class ImageParams(StageParams):
     icc_to_srgb: bool = True                                # apply an embedded ICC profile (CMYK, wide gamut)
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(90, ge=1, le=100)                  # jpg only
+    keep_unchanged: bool = True                             # store the input bytes when cleaning changed nothing
 
 
 def identify_format(data: bytes) -> str | None:
@@ -148,7 +153,7 @@ class ImageCleaner(ModalityCleaner):
     """Crawled image bytes -> RGB, oriented, resized, re-encoded; rejects unsafe or useless images."""
 
     name = "cleanup.image"
-    version = 1
+    version = 2   # 2: unchanged inputs are stored as they came (keep_unchanged)
     modality = "image"
     Params = ImageParams
     reasons: ClassVar[dict[str, str]] = {
@@ -180,8 +185,10 @@ class ImageCleaner(ModalityCleaner):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)     # max_pixels decides
             warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # odd EXIF / tags
-            with open_image(bytes(value), p) as im:
+            data = bytes(value)
+            with open_image(data, p) as im:
                 src_format, (src_w, src_h) = im.format or "", im.size
+                plain = im.mode == "RGB" and set(im.info) <= _PLAIN_INFO and src_format == IMAGE_FORMATS[p.format]
                 rgb = to_rgb(decode_pixels(im, max(p.max_side, p.work_side)), p.icc_to_srgb)
         grey = work_grey(np.asarray(rgb), p.work_side)   # quality checks before the output resize
         std = float(grey.std())
@@ -192,10 +199,17 @@ class ImageCleaner(ModalityCleaner):
             raise Reject("image_blurry", f"Laplacian variance {sharp:.1f} < blur_threshold {p.blur_threshold}")
         rgb.thumbnail((p.max_side, p.max_side), Image.Resampling.LANCZOS)
         pixels = np.asarray(rgb)
+        # Unchanged (same format and size, plain RGB, nothing to strip): re-encoding would only
+        # lose quality and time. These pixels are what decoding the input gives: later stages
+        # in this process take them instead of decoding again.
+        kept = p.keep_unchanged and plain and rgb.size == (src_w, src_h)
         meta = {
             "width": pixels.shape[1], "height": pixels.shape[0], "format": p.format,
             "src_format": src_format, "src_width": src_w, "src_height": src_h,
-            "sharpness": round(sharp, 2), "grey_std": round(std, 2),
+            "sharpness": round(sharp, 2), "grey_std": round(std, 2), "stored": "input" if kept else "encoded",
         }
+        if kept:
+            remember(data, pixels, pixels.nbytes)
+            return Cleaned(data, meta)
         return Cleaned(encode_image(pixels, p.format, p.quality), meta)
 

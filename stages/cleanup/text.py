@@ -66,6 +66,7 @@ class TextParams(StageParams):
     max_raw_chars: int = Field(5_000_000, gt=0)          # checked before any parsing: text_too_large
     html: Literal["auto", "always", "never"] = "auto"   # auto: strip markup only when some is found
     extract_main: bool = True                            # whole pages: trafilatura main-content extraction
+    extract_fallback: bool = False                       # also trafilatura's fallback extractors: ~3x the time per page
     unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC"
     keep_newlines: bool = True                           # False: every whitespace run becomes one space
     lowercase: bool = False
@@ -139,12 +140,14 @@ def strip_tags(markup: str) -> str:
     return root.text_content()
 
 
-def extract_text(raw: str, mode: str, extract_main: bool) -> Extracted:
-    """HTML handling: main-content extraction for whole pages, a tag strip for fragments."""
+def extract_text(raw: str, mode: str, extract_main: bool, fallback: bool = False) -> Extracted:
+    """HTML handling: main-content extraction for whole pages, a tag strip for fragments.
+    ``fallback``: when trafilatura's own extraction finds little, also run readability and jusText."""
     if mode == "never" or (mode == "auto" and not looks_like_html(raw)):
         return Extracted(raw, "none")
     if extract_main and _HTML_PAGE.search(raw):
-        main = trafilatura.extract(raw, include_comments=False, include_tables=True, favor_precision=True)
+        main = trafilatura.extract(raw, include_comments=False, include_tables=True, favor_precision=True,
+                                   fast=not fallback)
         if main and main.strip():
             return Extracted(main, "page")
         return Extracted(strip_tags(raw), "page_fallback")
@@ -223,7 +226,7 @@ class TextCleaner(ModalityCleaner):
         p: TextParams = self.params
         # Junk input is expected here and recorded as rejects; trafilatura would log each as an ERROR.
         logging.getLogger("trafilatura").setLevel(logging.CRITICAL)
-        if p.extract_main:
+        if p.extract_main and p.extract_fallback:
             reuse_justext_stoplist()
         self.tokenize = tokenizer(p.tokenizer)
         self.stop_words = stop_words(p.stopwords) if p.remove_stopwords else frozenset()
@@ -241,7 +244,7 @@ class TextCleaner(ModalityCleaner):
             value = bytes(value).decode("utf-8", errors="replace")
         value = value.encode("utf-8", errors="ignore").decode("utf-8")  # lone surrogates out
         value = _XML_INVALID.sub("", _NEWLINES.sub("\n", value))        # before any parser sees it
-        extracted = extract_text(value, p.html, p.extract_main)
+        extracted = extract_text(value, p.html, p.extract_main, p.extract_fallback)
         text = normalise(extracted.text, p.unicode_form, p.keep_newlines)
         if p.lowercase:
             text = text.lower()

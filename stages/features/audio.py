@@ -44,6 +44,7 @@ class LogMelAudioEncoder(Encoder):
     (librosa's definitions, computed by stages/dsp.py)."""
 
     name = "logmel"
+    version = 2   # 2: float32 FFT (scipy): values within float32 rounding of version 1
     modality = "audio"
     Params: ClassVar[type[EncoderParams]] = LogMelParams
 

