@@ -36,11 +36,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
-import imagehash
 import numpy as np
 import pyarrow as pa
 import ray
-from datasketch import MinHash, MinHashLSH
 from PIL import Image
 from pydantic import Field
 
@@ -123,6 +121,8 @@ def _sha(value: bytes | str) -> str:
 
 
 def image_phash(data: bytes) -> str:
+    import imagehash   # here, like datasketch below: they pull in scipy, which the driver never needs
+
     return str(imagehash.phash(Image.fromarray(decode_image(data))))
 
 
@@ -135,6 +135,8 @@ def shingles(text: str, k: int) -> set[str]:
 def _permutations(num_perm: int) -> np.ndarray:
     """datasketch draws the permutations (seed 1) anew for every MinHash: a third of the time of
     a short text's signature. They depend only on ``num_perm``."""
+    from datasketch import MinHash
+
     return MinHash(num_perm=num_perm, scheme=MINHASH_SCHEME).permutations
 
 
@@ -142,6 +144,8 @@ def text_minhash(text: str, p: DedupParams) -> list[int] | None:
     grams = shingles(text, p.shingle)
     if len(grams) < p.min_shingles:
         return None
+    from datasketch import MinHash
+
     m = MinHash(num_perm=p.num_perm, scheme=MINHASH_SCHEME, permutations=_permutations(p.num_perm))
     m.update_batch([g.encode() for g in grams])
     return m.hashvalues.tolist()
@@ -430,6 +434,8 @@ class _KeyIndex:
 def _band_ranges(threshold: float, num_perm: int) -> list[tuple[int, int]]:
     """datasketch's bands for this threshold (it integrates false positive and negative rates over
     every split of ``num_perm``: ~40 ms, once per process, not once per run)."""
+    from datasketch import MinHashLSH
+
     return MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges
 
 
@@ -972,6 +978,10 @@ class Dedup(Stage):
 
     def __init__(self, params: DedupParams | dict | None = None, context=None):
         super().__init__(params, context)
+        if self.params.image_phash:
+            import imagehash  # noqa: F401 (loaded with the stage, not on its first row)
+        if self.params.text_minhash:
+            import datasketch  # noqa: F401
         self._check = open_index(index_name(self.context.run_id), self.params)
 
     @classmethod

@@ -143,9 +143,15 @@ def work_grey(rgb: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
 
 
+def grey_std(grey: np.ndarray) -> float:
+    """Standard deviation of the grey levels (OpenCV's, a sixth of numpy's time on uint8)."""
+    return float(cv2.meanStdDev(grey)[1][0, 0])
+
+
 def sharpness(grey: np.ndarray) -> float:
-    """Variance of the Laplacian: low for blurred or out-of-focus images."""
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    """Variance of the Laplacian: low for blurred or out-of-focus images. On uint8 the 3x3 Laplacian
+    lies in [-1020, 1020]: int16 holds it exactly, at a quarter of float64's time."""
+    return float(cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_16S))[1][0, 0] ** 2)
 
 
 @register_stage
@@ -153,7 +159,7 @@ class ImageCleaner(ModalityCleaner):
     """Crawled image bytes -> RGB, oriented, resized, re-encoded; rejects unsafe or useless images."""
 
     name = "cleanup.image"
-    version = 2   # 2: unchanged inputs are stored as they came (keep_unchanged)
+    version = 3   # 2: unchanged inputs are stored as they came (keep_unchanged); 3: OpenCV's std and variance
     modality = "image"
     Params = ImageParams
     reasons: ClassVar[dict[str, str]] = {
@@ -191,7 +197,7 @@ class ImageCleaner(ModalityCleaner):
                 plain = im.mode == "RGB" and set(im.info) <= _PLAIN_INFO and src_format == IMAGE_FORMATS[p.format]
                 rgb = to_rgb(decode_pixels(im, max(p.max_side, p.work_side)), p.icc_to_srgb)
         grey = work_grey(np.asarray(rgb), p.work_side)   # quality checks before the output resize
-        std = float(grey.std())
+        std = grey_std(grey)
         if std < p.blank_std:
             raise Reject("image_blank", f"grey std {std:.2f} < blank_std {p.blank_std}")
         sharp = sharpness(grey)

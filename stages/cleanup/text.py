@@ -8,7 +8,6 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
-import trafilatura
 from lxml import etree
 from lxml import html as lxml_html
 from lxml_html_clean import Cleaner
@@ -146,6 +145,8 @@ def extract_text(raw: str, mode: str, extract_main: bool, fallback: bool = False
     if mode == "never" or (mode == "auto" and not looks_like_html(raw)):
         return Extracted(raw, "none")
     if extract_main and _HTML_PAGE.search(raw):
+        import trafilatura   # here: its import (lxml cleaners, justext, courlan) is for the actors that see pages
+
         main = trafilatura.extract(raw, include_comments=False, include_tables=True, favor_precision=True,
                                    fast=not fallback)
         if main and main.strip():
@@ -223,6 +224,8 @@ class TextCleaner(ModalityCleaner):
 
     def __init__(self, params: TextParams | dict | None = None, context=None):
         super().__init__(params, context)
+        if self.params.extract_main:
+            import trafilatura  # noqa: F401 (loaded with the stage, not on its first page)
         p: TextParams = self.params
         # Junk input is expected here and recorded as rejects; trafilatura would log each as an ERROR.
         logging.getLogger("trafilatura").setLevel(logging.CRITICAL)

@@ -48,6 +48,10 @@ class LogMelAudioEncoder(Encoder):
     modality = "audio"
     Params: ClassVar[type[EncoderParams]] = LogMelParams
 
+    def __init__(self, params: EncoderParams | dict | None = None, *, inference: bool = True):
+        super().__init__(params, inference=inference)
+        import scipy.fft  # noqa: F401 (stages/dsp.py's FFTs: loaded with the encoder, not on its first clip)
+
     @classmethod
     def dim_for(cls, params: EncoderParams) -> int:
         return 2 * (params.n_mels + params.n_mfcc + SPECTRAL_STATS)

@@ -216,3 +216,18 @@ def test_embedded_icc_profile_applied_and_broken_profile_tolerated():
     assert np.abs(with_profile.astype(int) - pixels).mean() < 2
     broken = decode_image(c.clean(encode(pixels, icc_profile=b"not an icc profile")).value)
     assert np.array_equal(broken, pixels)
+
+
+def test_blur_and_blank_scores_are_numpys_definitions():
+    """OpenCV computes them faster (int16 Laplacian, meanStdDev); the values are numpy's, extremes included."""
+    import cv2
+
+    from stages.cleanup.image import grey_std, sharpness
+
+    rng = np.random.default_rng(0)
+    checker = np.indices((64, 80)).sum(axis=0) % 2 * 255   # the Laplacian's extremes, +-1020
+    greys = [rng.integers(0, 256, (int(rng.integers(32, 300)), int(rng.integers(32, 300))), dtype=np.uint8) for _ in range(20)]
+    greys += [cv2.GaussianBlur(g, (9, 9), 3) for g in greys[:5]] + [checker.astype(np.uint8), np.full((40, 40), 7, np.uint8)]
+    for g in greys:
+        np.testing.assert_allclose(sharpness(g), cv2.Laplacian(g, cv2.CV_64F).var(), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(grey_std(g), g.std(), rtol=1e-12, atol=1e-9)

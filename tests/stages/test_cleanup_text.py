@@ -50,7 +50,9 @@ def test_whole_page_keeps_main_content_and_drops_boilerplate():
 
 
 def test_page_falls_back_to_tag_strip_when_extraction_finds_nothing(monkeypatch):
-    monkeypatch.setattr(text_mod.trafilatura, "extract", lambda *a, **k: None)
+    import trafilatura
+
+    monkeypatch.setattr(trafilatura, "extract", lambda *a, **k: None)
     out = TextCleaner().clean(PAGE)
     assert out.meta["html"] == "page_fallback"
     assert "River otters live in rivers" in out.value
