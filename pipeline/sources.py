@@ -20,6 +20,16 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 TEXT_EXTS = {".txt"}
 MANIFEST_COLUMNS = {"id", "label", "split", "text", "image", "audio"}
+MAX_LINE_BYTES = 64 * 1024 * 1024   # a longer JSONL line is a bad_record, never read whole
+MAX_FIELD_CHARS = 64 * 1024          # id, label, split and media references (texts: cleanup.text's limit)
+
+
+@dataclass
+class BadRow:
+    """A manifest row that could not be parsed: it becomes a ``bad_record`` reject, not an error."""
+
+    line: int
+    why: str
 
 
 class SourceError(ValueError):
@@ -36,6 +46,7 @@ class SourceRecord:
     image: str | None = None        # path relative to base, absolute path, URL, or "shard.tar#member"
     audio: str | None = None
     base: str = ""                  # folder relative refs resolve against
+    bad: str = ""                   # why the source's row is unusable (the scan rejects it: bad_record)
 
     def to_dict(self) -> dict:
         return dict(vars(self))   # every field is a str / int / None: no deep copy (asdict) needed
@@ -60,7 +71,7 @@ def iter_manifest(path: Path, chunk_rows: int = 10_000) -> Iterator[list[SourceR
     chunk: list[SourceRecord] = []
     try:
         for row in _manifest_rows(path, suffix, chunk_rows):
-            chunk.append(_record(path, row, n, base))
+            chunk.append(_record(row, n, base))
             n += 1
             if len(chunk) >= chunk_rows:
                 yield chunk
@@ -71,32 +82,69 @@ def iter_manifest(path: Path, chunk_rows: int = 10_000) -> Iterator[list[SourceR
         yield chunk
 
 
-def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[object]:
+def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[dict | BadRow]:
+    """The manifest's rows as dicts, in order; a row that cannot be parsed comes as a ``BadRow``."""
     if suffix in (".jsonl", ".ndjson", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise SourceError(f"manifest {path} line {n} is not valid JSON: {exc.msg}") from None
+        with path.open("rb") as f:
+            n = 0
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                n += 1
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass   # skip the rest of the line without holding it
+                    yield BadRow(n, f"line {n} is longer than {MAX_LINE_BYTES} bytes")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except UnicodeDecodeError:
+                    yield BadRow(n, f"line {n} is not UTF-8")
+                except json.JSONDecodeError as exc:
+                    yield BadRow(n, f"line {n} is not valid JSON: {exc.msg} (column {exc.colno})")
+                except RecursionError:
+                    yield BadRow(n, f"line {n} nests too deeply")
     elif suffix == ".csv":
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+        bad: list[BadRow] = []
+
+        def invalid(row) -> str:   # a row with too many or too few fields: recorded, the file goes on
+            bad.append(BadRow(row.number or 0, f"line {row.number or '?'} has {row.actual_columns} fields, "
+                                               f"expected {row.expected_columns}: {row.text[:200]!r}"))
+            return "skip"
+
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=False),
+                                parse_options=pacsv.ParseOptions(invalid_row_handler=invalid, newlines_in_values=True),
                                 convert_options=pacsv.ConvertOptions(
                                     column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True))
         for batch in reader:
+            yield from bad
+            bad.clear()
             yield from batch.to_pylist()
+        yield from bad
     else:
         for batch in pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=chunk_rows):
             yield from batch.to_pylist()
 
 
-def _record(path: Path, row: object, n: int, base: str) -> SourceRecord:
+def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:
+    """A manifest row as a record; a row that is not one (bad JSON, not an object, a field of the
+    wrong type or size) as a record the scan rejects with ``bad_record``, its id made from its line."""
+    if isinstance(row, BadRow):
+        return SourceRecord(row=n, id=f"manifest-line-{row.line}", base=base, bad=row.why)
     if not isinstance(row, dict):
-        raise SourceError(f"manifest {path} row {n + 1} is not an object")
+        return SourceRecord(row=n, id=f"manifest-row-{n + 1}", base=base,
+                            bad=f"row {n + 1} is a JSON {type(row).__name__}, not an object")
     unknown = set(row) - MANIFEST_COLUMNS
     if unknown:
-        raise SourceError(f"manifest {path} has unknown column(s): {', '.join(sorted(unknown))}")
+        raise SourceError(f"manifest has unknown column(s): {', '.join(sorted(unknown))}")
+    problem = next((f"{key} is a {type(row[key]).__name__}, not a string"
+                    for key in MANIFEST_COLUMNS if isinstance(row.get(key), (dict, list, bool))), None)
+    problem = problem or next((f"{key} is {len(str(row[key]))} characters, over {MAX_FIELD_CHARS}"
+                               for key in MANIFEST_COLUMNS - {"text"} if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
+    if problem:
+        own = _clean(row.get("id")) if not isinstance(row.get("id"), (dict, list, bool)) else None
+        return SourceRecord(row=n, id=own if own and len(own) <= MAX_FIELD_CHARS else f"manifest-row-{n + 1}",
+                            base=base, bad=f"row {n + 1}: {problem}")
     return SourceRecord(
         row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
         split=_clean(row.get("split")) or "", text=_clean(row.get("text")),
@@ -127,22 +175,60 @@ def read_folder(root: Path) -> list[SourceRecord]:
     return records
 
 
+MAX_TAR_MEMBERS = 1_000_000          # members read from one input shard at most (a tar bomb's count)
+MAX_TAR_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+def _unsafe_member(m: tarfile.TarInfo) -> str | None:
+    """Why a shard member is not read (a link, a device, a path that leaves the shard, too large)."""
+    if m.issym() or m.islnk():
+        return f"{m.name} is a link"
+    if not m.isfile():
+        return f"{m.name} is not a regular file"
+    parts = Path(m.name).parts
+    if m.name.startswith("/") or ".." in parts:
+        return f"{m.name} names a path outside the shard"
+    if m.size > MAX_TAR_MEMBER_BYTES:
+        return f"{m.name} is {m.size} bytes, over {MAX_TAR_MEMBER_BYTES}"
+    return None
+
+
 def read_webdataset(pattern: str) -> list[SourceRecord]:
-    """WebDataset ``.tar`` shards: members grouped by ``__key__``; ``.cls``/``.json`` give the label."""
+    """WebDataset ``.tar`` shards: members grouped by ``__key__``; ``.cls``/``.json`` give the label.
+    Members are read in place (never extracted); a sample with a link, a device, a path leaving the
+    shard or an oversized member is a ``bad_record``, and a shard with more than MAX_TAR_MEMBERS
+    members ends there with one."""
     shards = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
     if not shards:
         raise SourceError(f"no WebDataset shards match {pattern}")
     records = []
     for shard in shards:
+        base = str(Path(shard).parent.resolve())
         try:
             with tarfile.open(shard) as tar:
-                members = [m for m in tar.getmembers() if m.isfile()]
                 groups: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
-                for m in members:
+                unsafe: dict[str, str] = {}
+                for count, m in enumerate(tar, 1):
+                    if count > MAX_TAR_MEMBERS:
+                        records.append(SourceRecord(row=len(records), id=f"{Path(shard).name}-over-{MAX_TAR_MEMBERS}-members",
+                                                    base=base, bad=f"{shard}: more than {MAX_TAR_MEMBERS} members; the rest is not read"))
+                        break
+                    if m.isdir():
+                        continue
                     key, _, ext = Path(m.name).name.partition(".")
-                    groups[str(Path(m.name).parent / key)][ext.lower()] = m
+                    group = str(Path(m.name.lstrip("/")).parent / key)
+                    why = _unsafe_member(m)
+                    if why:
+                        unsafe.setdefault(group, why)
+                    else:
+                        groups[group][ext.lower()] = m
+                for key in unsafe:
+                    records.append(SourceRecord(row=len(records), id=Path(key).name, base=base,
+                                                bad=f"{shard}: {unsafe[key]}"))
                 for key, files in groups.items():
-                    rec = SourceRecord(row=len(records), id=Path(key).name, base=str(Path(shard).parent.resolve()))
+                    if key in unsafe:
+                        continue
+                    rec = SourceRecord(row=len(records), id=Path(key).name, base=base)
                     for ext, m in files.items():
                         ref = f"{Path(shard).resolve()}#{m.name}"
                         if "." + ext in IMAGE_EXTS:
@@ -154,11 +240,17 @@ def read_webdataset(pattern: str) -> list[SourceRecord]:
                         elif ext in ("cls", "label"):
                             rec.label = tar.extractfile(m).read().decode().strip()
                         elif ext == "json":
-                            meta = json.loads(tar.extractfile(m).read() or b"{}")
+                            try:
+                                meta = json.loads(tar.extractfile(m).read() or b"{}")
+                            except ValueError:
+                                meta = None
+                            if not isinstance(meta, dict):
+                                rec.bad = f"{shard}: {m.name} is not a JSON object"
+                                continue
                             rec.label = str(meta.get("label", rec.label) or "")
                             rec.split = str(meta.get("split", "") or "")
                     records.append(rec)
-        except (OSError, tarfile.TarError) as exc:
+        except (OSError, tarfile.TarError, ValueError) as exc:
             raise SourceError(f"cannot read WebDataset shard {shard}: {exc}") from None
     return records
 

@@ -133,9 +133,11 @@ class IngestScan(Stage):
     name = "ingest.scan"
     Params = ScanParams
     phase = "scan"
-    reads = ("text", "image", "audio", "base")
+    reads = ("text", "image", "audio", "base", "bad")
     writes = SCAN_COLUMNS
-    reasons = {"empty_record": "the record has no image, text or audio",
+    reasons = {"bad_record": "the source's row could not be read: invalid JSON or CSV, not an object, a field of "
+                             "the wrong type or too long (detail: the line); its id is made from the line",
+               "empty_record": "the record has no image, text or audio",
                "missing_file": "a referenced file (or tar member) does not exist or cannot be read",
                "path_outside_root": "a path resolves outside the manifest's folder and source.roots",
                **FETCH_REASONS}
@@ -195,6 +197,8 @@ class IngestScan(Stage):
         return {ref: res for (ref, _), res in zip(wanted, results)}
 
     def _scan_row(self, batch: Batch, out: Batch, i: int, urls: dict) -> None:
+        if "bad" in batch and batch["bad"][i]:
+            raise Reject("bad_record", str(batch["bad"][i]))
         text = batch["text"][i]
         refs = {m: batch[m][i] for m in MEDIA_REFS}
         if not text and not any(refs.values()):

@@ -10,6 +10,7 @@ into a test module) or the ``loopback_server()`` context manager.
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -93,12 +94,15 @@ def http_server() -> Iterator[LoopbackServer]:
 
 
 # -- route builders -------------------------------------------------------------------------
-def body(data: bytes, content_type: str, content_length: bool = True, status: int = 200) -> Route:
+def body(data: bytes, content_type: str, content_length: bool = True, status: int = 200,
+         headers: list[tuple[str, str]] = ()) -> Route:
     """Answer ``data``; without ``content_length`` the body ends when the connection closes."""
 
     def route(h: BaseHTTPRequestHandler) -> None:
         h.send_response(status)
         h.send_header("Content-Type", content_type)
+        for name, value in headers:
+            h.send_header(name, value)
         if content_length:
             h.send_header("Content-Length", str(len(data)))
         h.end_headers()
@@ -161,3 +165,60 @@ def fail_first(times: int, failure: Route, then: Route) -> Route:
         (failure if n <= times else then)(h)
 
     return route
+
+
+# -- the network guard ----------------------------------------------------------------------
+class NetworkGuard:
+    """Nothing a test runs may reach beyond loopback. ``socket.getaddrinfo`` answers numeric
+    hosts, ``localhost`` and the names in ``names`` (a fake DNS: name -> address, or a list of
+    successive answers) and refuses any
+    other name without a query; ``socket.socket.connect`` refuses every non-loopback address. Each
+    refusal is recorded in ``attempts`` and raises ``OSError``; the fixture fails the test at its end
+    if anything was attempted that the test did not take out of ``attempts`` (a broken check then
+    shows up as a failed test, never as traffic)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str | list[str]] = {}
+        self.attempts: list[str] = []
+        self.lookups: list[str] = []
+
+    def getaddrinfo(self, real):
+        def lookup(host, port, family=0, type=0, proto=0, flags=0):
+            name = host.decode() if isinstance(host, bytes) else str(host)
+            self.lookups.append(name)
+            if name.lower() in self.names:
+                answer = self.names[name.lower()]
+                if isinstance(answer, list):   # successive answers (DNS rebinding); the last one stays
+                    answer = answer.pop(0) if len(answer) > 1 else answer[0]
+                return real(answer, port, family, type, proto, flags | socket.AI_NUMERICHOST)
+            if name.lower() == "localhost":
+                return real("127.0.0.1", port, family, type, proto, flags | socket.AI_NUMERICHOST)
+            try:
+                return real(host, port, family, type, proto, flags | socket.AI_NUMERICHOST)
+            except socket.gaierror:
+                self.attempts.append(f"DNS lookup of {name}")
+                raise socket.gaierror(socket.EAI_NONAME, f"network guard: no DNS in tests ({name})") from None
+        return lookup
+
+    def connect(self, real):
+        guard = self
+
+        def connect(sock, address):
+            host = address[0] if isinstance(address, tuple) else address
+            if isinstance(host, str) and sock.family in (socket.AF_INET, socket.AF_INET6):
+                import ipaddress
+
+                if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+                    guard.attempts.append(f"connect to {host}")
+                    raise OSError(f"network guard: connection to {host} refused in tests")
+            return real(sock, address)
+        return connect
+
+
+@pytest.fixture
+def network_guard(monkeypatch) -> Iterator[NetworkGuard]:
+    guard = NetworkGuard()
+    monkeypatch.setattr(socket, "getaddrinfo", guard.getaddrinfo(socket.getaddrinfo))
+    monkeypatch.setattr(socket.socket, "connect", guard.connect(socket.socket.connect))
+    yield guard
+    assert not guard.attempts, f"tried to reach beyond loopback: {guard.attempts}"

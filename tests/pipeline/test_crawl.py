@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 
 from pipeline.demo import _audio, _image, make_demo
 from pipeline.runner import run
-from tests.conftest_http import body, fail_first, http_server, redirect, slow, status  # noqa: F401
+from tests.conftest_http import body, fail_first, http_server, network_guard, redirect, slow, status  # noqa: F401
 from tests.pipeline.helpers import config
 from tests.pipeline.test_run import assert_accounting
 
@@ -27,7 +27,7 @@ def features(store: Path) -> dict[str, dict]:
     return {r["id"]: r for r in t if r["aug"] == 0}
 
 
-def test_http_references_end_accepted_or_rejected_with_their_reason(tmp_path, http_server, ray_session):
+def test_http_references_end_accepted_or_rejected_with_their_reason(tmp_path, http_server, network_guard, ray_session):
     rng = np.random.default_rng(0)
     jpg = _image("forest", rng)
     http_server.add("/ok.jpg", body(jpg, "image/jpeg"))
@@ -38,6 +38,8 @@ def test_http_references_end_accepted_or_rejected_with_their_reason(tmp_path, ht
     http_server.add("/big.wav", body(b"\0" * 50_000, "audio/wav"))
     http_server.add("/hop.jpg", redirect("/ok.jpg"))
     http_server.add("/ok.wav", body(_audio("ocean", rng), "audio/wav"))
+    http_server.add("/to-inside.jpg", redirect("http://10.0.0.1/admin.jpg"))
+    port = http_server.base_url.rsplit(":", 1)[1]
     rows = [
         {"id": "ok", "label": "forest", "image": http_server.url("/ok.jpg"), "audio": http_server.url("/ok.wav")},
         {"id": "flaky", "label": "forest", "image": http_server.url("/flaky.jpg"), "text": "pine"},
@@ -47,16 +49,22 @@ def test_http_references_end_accepted_or_rejected_with_their_reason(tmp_path, ht
         {"id": "slow", "label": "forest", "image": http_server.url("/slow.jpg")},
         {"id": "big", "label": "ocean", "audio": http_server.url("/big.wav")},
         {"id": "ftp", "label": "ocean", "image": "ftp://127.0.0.1/x.jpg"},
+        {"id": "metadata", "label": "ocean", "image": "http://169.254.169.254/latest/meta-data/iam.jpg"},
+        {"id": "localhost", "label": "ocean", "image": f"http://localhost:{port}/ok.jpg"},
+        {"id": "decimal", "label": "ocean", "image": f"http://2130706433:{port}/ok.jpg"},
+        {"id": "redirect-inside", "label": "ocean", "image": http_server.url("/to-inside.jpg")},
     ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = tmp_path / "store"
-    http = {"timeout_s": 0.5, "retries": 1, "backoff_s": 0.05, "max_bytes": 40_000}
+    # The loopback server is allowed by name; every other way to reach inside is refused.
+    http = {"timeout_s": 0.5, "retries": 1, "backoff_s": 0.05, "max_bytes": 40_000, "allow_hosts": ["127.0.0.1"]}
     run(config(tmp_path, manifest, store, {"source": {"http": http}, "stages": {"dedup": {"params": {"exact": ["image"]}}}}),
         log=lambda s: None)
     rej = {k: v["reason"] for k, v in rejects(store).items()}
     assert rej == {"gone": "http_status", "html": "http_content_type", "slow": "http_timeout",
-                   "big": "http_too_large", "ftp": "url_scheme", "redirected": "duplicate"}
+                   "big": "http_too_large", "ftp": "url_scheme", "redirected": "duplicate", "metadata": "url_blocked",
+                   "localhost": "url_blocked", "decimal": "url_blocked", "redirect-inside": "url_blocked"}
     assert set(features(store)) == {"ok", "flaky"}
     assert http_server.hits("/flaky.jpg") == 2 and http_server.hits("/gone.jpg") == 1
     assert_accounting(store, {r["id"] for r in rows})

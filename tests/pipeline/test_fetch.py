@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest_http import body, fail_first, http_server, redirect, slow, stalled_body, status  # noqa: E402,F401
+from tests.conftest_http import body, fail_first, http_server, network_guard, redirect, slow, stalled_body, status  # noqa: E402,F401
 
 from core.config import HttpConfig  # noqa: E402
 from stages.fetch import FetchResult, Fetcher  # noqa: E402
@@ -14,7 +14,10 @@ from stages.base import Reject  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 MAX_BYTES = 4096
-HTTP = HttpConfig(timeout_s=0.3, retries=2, backoff_s=0.01, max_bytes=MAX_BYTES, max_redirects=3, concurrency=4)
+# The loopback server is inside the network fetching refuses by default (tests/pipeline/test_url_safety.py).
+HTTP = HttpConfig(timeout_s=0.3, retries=2, backoff_s=0.01, max_bytes=MAX_BYTES, max_redirects=3, concurrency=4,
+                  allow_hosts=["127.0.0.1"])
+pytestmark = pytest.mark.usefixtures("network_guard")
 
 
 @pytest.fixture
@@ -159,3 +162,34 @@ def test_fetch_many_reuses_its_threads(http_server):
         for _ in range(3):
             assert all(r.data == PNG for r in f.fetch_many([(good, "image")] * 4))
         assert len(f._sessions) <= 2
+
+
+@pytest.mark.parametrize("tags, out", [
+    (["noai"], True), (["noimageai, nofollow"], True), (["noindex"], True), (["mmpipe: noai"], True),
+    (["*: noimageindex"], True), (["otherbot: noai", "nofollow"], False), (["nofollow, noarchive"], False), ([], False),
+    (["otherbot: noai", "NoAI"], True)])
+def test_x_robots_tag_opt_out(http_server, fetcher, tags, out):
+    url = http_server.add("/tagged.png", body(PNG, "image/png", headers=[("X-Robots-Tag", t) for t in tags]))
+    if out:
+        r = reason_of(fetcher, url)
+        assert r.reason == "http_opt_out" and "X-Robots-Tag" in r.detail
+    else:
+        assert fetcher.fetch(url, "image").data == PNG
+
+
+def test_opt_out_directives_can_be_turned_off(http_server):
+    url = http_server.add("/tagged.png", body(PNG, "image/png", headers=[("X-Robots-Tag", "noai")]))
+    with Fetcher(HTTP.model_copy(update={"opt_out_directives": []})) as f:
+        assert f.fetch(url, "image").data == PNG
+
+
+def test_retry_after_is_waited_for_and_a_long_one_is_not(http_server, fetcher):
+    url = http_server.add("/busy.png", fail_first(1, body(b"", "text/plain", status=503, headers=[("Retry-After", "1")]),
+                                                  body(PNG, "image/png")))
+    start = time.perf_counter()
+    assert fetcher.fetch(url, "image").attempts == 2
+    assert time.perf_counter() - start >= 1.0   # not the 0.01 s backoff: the server asked for a second
+    later = http_server.add("/later.png", body(b"", "text/plain", status=429, headers=[("Retry-After", "3600")]))
+    r = reason_of(fetcher, later)
+    assert r.reason == "http_status" and "Retry-After 3600 s is over max_retry_after_s" in r.detail
+    assert http_server.hits("/later.png") == 1

@@ -133,15 +133,19 @@ def test_bad_manifest_rows_each_get_a_distinct_reason(tmp_path, ray_session):
         {"id": "outside", "image": "../outside.jpg"},
     ]
     (tmp_path / "outside.jpg").write_bytes(jpg)
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    lines = [json.dumps(r) for r in good + bad] + ['{"id": "broken", "image": ', json.dumps({"id": "typed", "text": {"a": 1}})]
+    manifest.write_text("\n".join(lines) + "\n")
     store = tmp_path / "store"
     run(config(tmp_path, manifest, store), log=lambda s: None)
-    rej = {r["id"]: r["reason"] for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
-    assert {k: rej[k] for k in ("truncated", "missing", "garbage-audio", "empty", "outside")} == {
+    rej = {r["id"]: (r["reason"], r["detail"]) for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
+    line = len(good) + len(bad) + 1
+    assert {k: rej[k][0] for k in ("truncated", "missing", "garbage-audio", "empty", "outside", f"manifest-line-{line}", "typed")} == {
         "truncated": "image_corrupt", "missing": "missing_file", "garbage-audio": "audio_corrupt",
-        "empty": "empty_record", "outside": "path_outside_root"}
+        "empty": "empty_record", "outside": "path_outside_root", f"manifest-line-{line}": "bad_record", "typed": "bad_record"}
+    assert f"line {line} is not valid JSON" in rej[f"manifest-line-{line}"][1] and "text is a dict" in rej["typed"][1]
     accepted, _ = ids_in(store)
     assert set(accepted) == {r["id"] for r in good}
+    assert_accounting(store, {r["id"] for r in good + bad} | {f"manifest-line-{line}", "typed"})
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

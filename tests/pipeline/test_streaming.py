@@ -86,12 +86,40 @@ def test_manifests_are_read_in_chunks_in_input_order(tmp_path, suffix):
     assert source_size(cfg) in (25, 26)   # lines (a CSV's header counts) or Parquet rows
 
 
-def test_a_bad_line_deep_in_a_manifest_is_one_error(tmp_path):
+def test_bad_manifest_lines_become_bad_records_and_the_rest_is_read(tmp_path):
+    """A 10-million-line manifest is not lost to one bad line: each bad line is a record the scan
+    rejects (``bad_record``), with an id made from its line number and the line in the detail."""
+    from pipeline.sources import MAX_LINE_BYTES
+
+    good = [json.dumps({"id": f"r{i}", "text": "x y z"}) for i in range(30)]
+    bad = ["{not json", "[1, 2, 3]", json.dumps({"id": "listy", "text": ["a", "b"]}),
+           json.dumps({"id": "x" * 70_000, "text": "long id"})]
     path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps({"id": f"r{i}", "text": "x y z"}) + "\n" for i in range(30)) + "{not json\n")
-    with pytest.raises(SourceError, match="line 31 is not valid JSON"):
-        for _ in iter_source(SourceConfig(path=str(path)), chunk_rows=10):
-            pass
+    with path.open("wb") as f:
+        f.write(("\n".join(good[:10] + bad[:2] + good[10:20] + bad[2:4]) + "\n").encode())
+        f.write(b"\xff\xfe not utf-8\n")
+        f.write(b"{" + b" " * (MAX_LINE_BYTES + 10) + b"}\n")   # longer than a line may be
+        f.write(("\n".join(good[20:]) + "\n").encode())
+    records = [r for chunk in iter_source(SourceConfig(path=str(path)), chunk_rows=7) for r in chunk]
+    assert [r.id for r in records if not r.bad] == [f"r{i}" for i in range(30)]
+    flagged = {r.id: r.bad for r in records if r.bad}
+    assert list(flagged) == ["manifest-line-11", "manifest-row-12", "listy", "manifest-row-24", "manifest-line-25",
+                             "manifest-line-26"]
+    assert "line 11 is not valid JSON" in flagged["manifest-line-11"]
+    assert "a JSON list, not an object" in flagged["manifest-row-12"]
+    assert "text is a list" in flagged["listy"]
+    assert "id is 70000 characters" in flagged["manifest-row-24"]
+    assert "not UTF-8" in flagged["manifest-line-25"]
+    assert f"longer than {MAX_LINE_BYTES} bytes" in flagged["manifest-line-26"]
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_become_bad_records(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,label,text\nr0,a,one\nr1,a,two,extra\nr2,a,three\nr3\nr4,a,four\n")
+    records = [r for chunk in iter_source(SourceConfig(path=str(path))) for r in chunk]
+    assert [r.id for r in records if not r.bad] == ["r0", "r2", "r4"]
+    assert sorted(r.bad.split(":")[0] for r in records if r.bad) == ["line 3 has 4 fields, expected 3",
+                                                                     "line 5 has 1 fields, expected 3"]
 
 
 def test_spills_read_back_what_was_added_across_files_and_partitions(tmp_path):
