@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -54,19 +55,22 @@ def node_cmd(temp_dir: str, head: bool, gcs_port: int, dashboard_port: int = 0) 
     return cmd
 
 
-def wait_for_nodes(dashboard: str, n: int, procs: list[subprocess.Popen]) -> None:
-    from ray.util.state import list_nodes
+def wait_for_nodes(dashboard: str, n: int, procs: list[subprocess.Popen], token: str) -> None:
+    """Poll the state API (with the cluster's token) until ``n`` nodes are alive."""
+    import urllib.request
 
     deadline = time.monotonic() + START_TIMEOUT_S
+    request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
     while True:
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"`ray start` exited with {p.returncode}")
         try:
-            alive = [x for x in list_nodes(address=dashboard, raise_on_missing_output=False) if x.state == "ALIVE"]
-            if len(alive) >= n:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                nodes = json.loads(resp.read())["data"]["result"]["result"]
+            if sum(1 for x in nodes if x.get("state") == "ALIVE") >= n:
                 return
-        except Exception:  # the dashboard is not up yet: keep polling until the deadline
+        except (OSError, ValueError, KeyError):  # the dashboard is not up yet: keep polling until the deadline
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"cluster did not reach {n} nodes in {START_TIMEOUT_S} s")
@@ -104,11 +108,27 @@ def _pids_mentioning(needles: list[str]) -> list[int]:
     return pids
 
 
+def _client_env(token: str | None, home: str) -> dict[str, str]:
+    """A client's environment: with the cluster's token, or without any (and no ~/.ray token file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env["HOME"] = home
+    if token is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return env
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def token() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def cluster(token):
+    """Two nodes with Ray's token authentication on (RAY_AUTH_MODE=token), as docs/cluster.md runs them."""
     gcs_port, dashboard_port = free_ports(2)
     temp_dirs = [tempfile.mkdtemp(prefix="/tmp/mmc") for _ in range(2)]   # short: unix socket paths
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_DEDUP_LOGS": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     procs: list[subprocess.Popen] = []
     dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -118,8 +138,8 @@ def cluster():
                                           start_new_session=True, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
             if head:
-                wait_for_nodes(dashboard, 1, procs)
-        wait_for_nodes(dashboard, 2, procs)
+                wait_for_nodes(dashboard, 1, procs, token)
+        wait_for_nodes(dashboard, 2, procs, token)
         yield dashboard
     finally:
         stop_cluster(procs, temp_dirs)
@@ -128,7 +148,23 @@ def cluster():
 
 
 @pytest.mark.cluster
-def test_submit_wait_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
+def test_a_client_without_the_token_is_refused(cluster, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "config.yaml").write_text("name: x\n")
+    for env in (_client_env(None, str(tmp_path)),
+                {**_client_env("not-the-token", str(tmp_path))}):
+        proc = subprocess.run([str(BIN / "mmpipe"), "submit", "config.yaml", "--address", cluster, "--input", "m.jsonl",
+                               "--store", str(tmp_path / "s")], cwd=job_dir, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mmpipe: error:") and "Traceback" not in proc.stderr
+        assert "auth" in lines[0].lower() or "401" in lines[0] or "403" in lines[0], lines[0]
+
+
+@pytest.mark.cluster
+def test_submit_wait_runs_the_pipeline_on_two_nodes(cluster, token, tmp_path):
     job_dir = tmp_path / "job"                    # uploaded as the working dir
     manifest = make_demo(job_dir / "inputs", n=16)
     (job_dir / "config.yaml").write_text(yaml.safe_dump({
@@ -142,7 +178,8 @@ def test_submit_wait_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     proc = subprocess.run([str(BIN / "mmpipe"), "submit", "config.yaml", "--address", cluster,
                            "--input", "inputs/manifest.jsonl", "--store", str(store), "--wait",
                            "--timeout", str(JOB_TIMEOUT_S)],
-                          cwd=job_dir, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60)
+                          cwd=job_dir, env=_client_env(token, str(tmp_path)), capture_output=True, text=True,
+                          timeout=JOB_TIMEOUT_S + 60)
     print(f"submit --wait took {time.monotonic() - started:.1f} s\n{proc.stderr[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     job_id = proc.stdout.splitlines()[0]
@@ -151,7 +188,7 @@ def test_submit_wait_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     assert "counts:" in proc.stdout                                       # the job's own log, tailed
 
     status = subprocess.run([str(BIN / "mmpipe"), "status", job_id, "--address", cluster],
-                            capture_output=True, text=True, timeout=60)
+                            env=_client_env(token, str(tmp_path)), capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
 
     input_ids = {json.loads(line)["id"] for line in manifest.read_text().splitlines()}
@@ -164,3 +201,7 @@ def test_submit_wait_runs_the_pipeline_on_two_nodes(cluster, tmp_path):
     record = json.loads(record_path.read_text())
     assert record["cluster"]["num_cpus"] == 2                     # both nodes' CPUs were in the job
     assert list((store / "samples").rglob("*.tar"))
+    # The token is a secret: never printed, never in what the run stored.
+    assert token not in proc.stdout + proc.stderr + status.stdout + status.stderr
+    assert not [p for p in store.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".txt", ".log")
+                and token in p.read_text(errors="replace")]
