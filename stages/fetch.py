@@ -22,7 +22,9 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -66,6 +68,8 @@ class HttpConfig(BaseModel):
     # X-Robots-Tag directives that opt a file out (img2dataset's set); [] fetches whatever the header says
     opt_out_directives: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
     max_retry_after_s: float = Field(60.0, ge=0)   # a 429 / 503 asking for a longer wait is not retried
+    per_host_concurrency: int = Field(4, ge=1)      # requests to one host at a time (per fetching process)
+    per_host_rate: float = Field(0.0, ge=0)         # requests per second to one host at most; 0: no limit
     allow_private_networks: bool = False   # True: any address may be fetched (local testing)
     allow_hosts: list[str] = Field(default_factory=list)   # host names or CIDRs fetched wherever they resolve
 
@@ -233,6 +237,7 @@ class Fetcher:
         self._sessions: list[dict] = []   # each thread's pools, to close them all
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None   # kept across calls so connections are reused
+        self._hosts: dict[str, tuple[threading.Semaphore, list[float]]] = {}   # host -> (slots, [next start])
 
     # -- public API -------------------------------------------------------------------------
     def fetch(self, url: str, expect: str) -> FetchResult:
@@ -313,6 +318,23 @@ class Fetcher:
                 pools[key] = urllib3.HTTPConnectionPool(target.ip, target.port, **common)
         return pools[key]
 
+    @contextmanager
+    def _polite(self, host: str) -> Iterator[None]:
+        """At most ``per_host_concurrency`` requests to ``host`` at once, started at most
+        ``per_host_rate`` a second (a crawl must not hammer one server with its whole concurrency)."""
+        with self._lock:
+            if host not in self._hosts:
+                self._hosts[host] = (threading.Semaphore(self.http.per_host_concurrency), [0.0])
+            slots, next_start = self._hosts[host]
+        with slots:
+            if self.http.per_host_rate > 0:
+                with self._lock:
+                    now = time.monotonic()
+                    start = max(now, next_start[0])
+                    next_start[0] = start + 1.0 / self.http.per_host_rate
+                time.sleep(max(0.0, start - now))
+            yield
+
     def _attempt(self, url: str, expect: str) -> tuple[bytes, str, str]:
         """One GET, following redirects by hand: every hop's host is resolved and checked."""
         import urllib3
@@ -326,18 +348,19 @@ class Fetcher:
             target = self.policy.target(current)
             headers = {"Host": target.host_header, "User-Agent": self.http.user_agent, "Accept-Encoding": "gzip, deflate"}
             try:
-                resp = self._connection(target).urlopen("GET", target.path, headers=headers, redirect=False,
-                                                        retries=False, timeout=timeout, preload_content=False,
-                                                        assert_same_host=False)
-                try:
-                    if resp.status in REDIRECTS and resp.headers.get("Location"):
-                        current = urljoin(current, resp.headers["Location"])
-                        check_url(current)
-                        continue
-                    self._check_headers(resp, expect)
-                    return self._read_body(resp), _media_type(resp.headers.get("Content-Type")), current
-                finally:
-                    resp.release_conn()
+                with self._polite(target.host):
+                    resp = self._connection(target).urlopen("GET", target.path, headers=headers, redirect=False,
+                                                            retries=False, timeout=timeout, preload_content=False,
+                                                            assert_same_host=False)
+                    try:
+                        if resp.status in REDIRECTS and resp.headers.get("Location"):
+                            current = urljoin(current, resp.headers["Location"])
+                            check_url(current)
+                            continue
+                        self._check_headers(resp, expect)
+                        return self._read_body(resp), _media_type(resp.headers.get("Content-Type")), current
+                    finally:
+                        resp.release_conn()
             except LocationParseError as exc:
                 raise Reject("url_invalid", f"{exc}") from None
             except NewConnectionError as exc:   # before the timeouts: urllib3 2 derives it from ConnectTimeoutError

@@ -193,3 +193,30 @@ def test_retry_after_is_waited_for_and_a_long_one_is_not(http_server, fetcher):
     r = reason_of(fetcher, later)
     assert r.reason == "http_status" and "Retry-After 3600 s is over max_retry_after_s" in r.detail
     assert http_server.hits("/later.png") == 1
+
+
+def test_per_host_concurrency_and_rate(http_server):
+    """A crawl's concurrency is spread over hosts: one host gets per_host_concurrency requests at a
+    time and per_host_rate a second at most."""
+    import threading
+
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counted(h):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.15)
+        with lock:
+            now[0] -= 1
+        body(PNG, "image/png")(h)
+
+    url = http_server.add("/c.png", counted)
+    with Fetcher(HTTP.model_copy(update={"concurrency": 8, "per_host_concurrency": 2})) as f:
+        assert all(r.data == PNG for r in f.fetch_many([(url, "image")] * 8))
+    assert peak[0] == 2
+    fast = http_server.add("/r.png", body(PNG, "image/png"))
+    with Fetcher(HTTP.model_copy(update={"concurrency": 8, "per_host_rate": 20.0})) as f:
+        start = time.perf_counter()
+        assert all(r.data == PNG for r in f.fetch_many([(fast, "image")] * 6))
+        assert time.perf_counter() - start >= 5 / 20.0   # 6 starts, 1/20 s apart
