@@ -35,7 +35,7 @@ from stages.base import MODALITIES
 _S = pa.string()
 SCANNED = pa.schema([("row", pa.int64())] + [(c, _S) for c in (
     "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
-    "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "sha_sample")])
+    "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "sha_sample", "extra")])
 PLANNED = SCANNED.append(pa.field("fp_all", _S)).append(pa.field("redo", _S)).append(pa.field("keep", _S))
 CANDIDATE = PLANNED.append(pa.field("kept_id", _S))
 FEATURE_LINEAGE = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]

@@ -47,6 +47,7 @@ class SourceRecord:
     audio: str | None = None
     base: str = ""                  # folder relative refs resolve against
     bad: str = ""                   # why the source's row is unusable (the scan rejects it: bad_record)
+    extra: str = ""                 # the manifest's other columns, a JSON object (kept in meta.source)
 
     def to_dict(self) -> dict:
         return dict(vars(self))   # every field is a str / int / None: no deep copy (asdict) needed
@@ -134,13 +135,14 @@ def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:
     if not isinstance(row, dict):
         return SourceRecord(row=n, id=f"manifest-row-{n + 1}", base=base,
                             bad=f"row {n + 1} is a JSON {type(row).__name__}, not an object")
-    unknown = set(row) - MANIFEST_COLUMNS
-    if unknown:
-        raise SourceError(f"manifest has unknown column(s): {', '.join(sorted(unknown))}")
+    others = {k: row[k] for k in sorted(row, key=str) if k not in MANIFEST_COLUMNS and row[k] is not None}
+    extra = json.dumps(others, sort_keys=True, default=str, ensure_ascii=False) if others else ""
     problem = next((f"{key} is a {type(row[key]).__name__}, not a string"
                     for key in MANIFEST_COLUMNS if isinstance(row.get(key), (dict, list, bool))), None)
     problem = problem or next((f"{key} is {len(str(row[key]))} characters, over {MAX_FIELD_CHARS}"
                                for key in MANIFEST_COLUMNS - {"text"} if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
+    problem = problem or (f"its other columns are {len(extra)} characters of JSON, over {MAX_FIELD_CHARS}"
+                          if len(extra) > MAX_FIELD_CHARS else None)
     if problem:
         own = _clean(row.get("id")) if not isinstance(row.get("id"), (dict, list, bool)) else None
         return SourceRecord(row=n, id=own if own and len(own) <= MAX_FIELD_CHARS else f"manifest-row-{n + 1}",
@@ -148,7 +150,7 @@ def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:
     return SourceRecord(
         row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
         split=_clean(row.get("split")) or "", text=_clean(row.get("text")),
-        image=_clean(row.get("image")), audio=_clean(row.get("audio")), base=base)
+        image=_clean(row.get("image")), audio=_clean(row.get("audio")), base=base, extra=extra)
 
 
 def read_folder(root: Path) -> list[SourceRecord]:

@@ -18,6 +18,7 @@ private object stores. requests is not used: it resolves names itself, after any
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -135,6 +136,14 @@ def opted_out(values: list[str], directives: list[str], user_agent: str) -> str 
     return None
 
 
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``."""
+    return _USERINFO.sub("***@", text)
+
+
 def _is_transient_status(code: int) -> bool:
     return code == 429 or code >= 500
 
@@ -241,9 +250,16 @@ class Fetcher:
 
     # -- public API -------------------------------------------------------------------------
     def fetch(self, url: str, expect: str) -> FetchResult:
-        """GET ``url`` expecting an ``image`` or ``audio`` body; raise ``Reject`` on failure."""
+        """GET ``url`` expecting an ``image`` or ``audio`` body; raise ``Reject`` on failure. A
+        reject's detail never shows credentials written into a URL (``user:password@``)."""
         if expect not in ("image", "audio"):
             raise ValueError(f"expect must be 'image' or 'audio', got {expect!r}")
+        try:
+            return self._fetch(url, expect)
+        except Reject as r:
+            raise Reject(r.reason, redact_urls(r.detail)) from None
+
+    def _fetch(self, url: str, expect: str) -> FetchResult:
         check_url(url)
         attempts = 0
         while True:

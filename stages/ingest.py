@@ -3,6 +3,7 @@ load the bytes into the batch for the processing pass (load)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import tarfile
@@ -122,7 +123,7 @@ _HASH_CACHES: dict[str, HashCache] = {}   # run id -> the run's cache, in the pr
 
 # What the scan hands the planner per record (no media bytes).
 SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
-                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail")
+                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "extra")
 
 
 @register_stage
@@ -181,6 +182,7 @@ class IngestScan(Stage):
             except Reject as r:
                 out["reject_stage"][i], out["reject_reason"][i], out["reject_detail"][i] = self.name, r.reason, r.detail
                 self.stats.rejected[r.reason] = self.stats.rejected.get(r.reason, 0) + 1
+        out["extra"] = object_column([str(v or "") for v in batch["extra"]]) if "extra" in batch else object_column([""] * n)
         batch.update(out)
         return batch
 
@@ -284,6 +286,9 @@ class IngestLoad(Stage):
                              ("meta", "{}"), ("dropped", "{}"), ("aug_params", "{}"), ("dedup_sig", "")):
             batch[col] = object_column([default] * n)
         batch["aug"] = np.zeros(n, dtype=np.int64)
+        if "extra" in batch:   # the manifest's own other columns (a crawl's url, caption source, ...)
+            batch["meta"] = object_column([json.dumps({"source": json.loads(e)}, sort_keys=True) if e else "{}"
+                                           for e in batch["extra"]])
         for m in MEDIA_REFS:
             values = []
             for i in range(n):

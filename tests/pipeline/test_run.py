@@ -224,3 +224,23 @@ def test_cli_run_profile_starts_ray_in_the_background_and_leaves_nothing_running
     assert prof["started"] <= prof["pass_start"] <= prof["first_row"] <= prof["last_row"] <= prof["pass_end"]
     assert prof["shard_writing_s"] > 0 and record["execution"] == "ray-data"
     assert set(record["stages"]) == set(record["fingerprints"]) | {"ingest.scan"}   # shard writing is not a stage
+
+
+def test_a_manifests_other_columns_travel_with_the_sample(tmp_path):
+    """A crawl's own columns (url, caption source, size, ...) are not an error: they land in the
+    row's ``meta.source``, in the features table and in the sample's ``.json`` in its shard."""
+    manifest = make_demo(tmp_path / "data", n=6)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:6]
+    for k, r in enumerate(rows):
+        r.update(url=f"https://example.com/{k}.jpg", caption_source="alt", width=96 + k, tags=["a", "b"])
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    run(config(tmp_path, manifest, store), log=lambda s: None)
+    feats = DeltaTable(str(store / "features")).to_pyarrow_table(columns=["id", "meta", "shard"]).to_pylist()
+    assert len(feats) == 6
+    for row in feats:
+        k = int(row["id"][1:])
+        source = json.loads(row["meta"])["source"]
+        assert source == {"url": f"https://example.com/{k}.jpg", "caption_source": "alt", "width": 96 + k, "tags": ["a", "b"]}
+        members = dict(shard_members(store / Path(row["shard"]).parent)[Path(row["shard"]).name])
+        assert json.loads(members[f"{row['id']}.json"])["meta"]["source"] == source

@@ -92,3 +92,10 @@ def test_allow_hosts_rejects_a_bad_cidr():
                                            ("240.0.0.1", "reserved"), ("::", "unspecified")])
 def test_address_problems(addr, problem):
     assert address_problem(ipaddress.ip_address(addr)) == problem
+
+
+def test_credentials_in_a_url_never_reach_a_reject(network_guard, http_server):
+    port = http_server.base_url.rsplit(":", 1)[1]
+    with Fetcher(HTTP) as f:
+        r = blocked(f, f"http://alice:s3cret@127.0.0.1:{port}/x.png")
+    assert r.reason == "url_blocked" and "s3cret" not in r.detail and "alice" not in r.detail and "***@" in r.detail
