@@ -127,7 +127,13 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
 
     if "://" not in store and not Path(store).is_dir():
         _fail(f"store not found: {store}")
-    typer.echo(format_store(Store(store), version))
+    opened = Store(store)
+    if version is not None:
+        known = {h.get("version") for which in ("features", "rejects") for h in opened.versions(which)}
+        if version not in known:
+            _fail(f"no table of {store} has a version {version} (versions: "
+                  f"{', '.join(str(v) for v in sorted(v for v in known if v is not None)) or 'none'})")
+    typer.echo(format_store(opened, version))
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import time
 from contextlib import contextmanager
@@ -118,9 +119,11 @@ def forwarded_env(names: list[str]) -> dict[str, str]:
 
 # -- talking to the cluster ---------------------------------------------------------------------
 def resolve_address(address: Optional[str]) -> str:
+    """``--address``, else the environment. A bare ``HOST:PORT`` is the job server's HTTP address
+    (Ray would take it for a GCS address and try to connect to it for ~40 s before failing)."""
     for candidate in (address, *(os.environ.get(k) for k in ADDRESS_ENV)):
         if candidate:
-            return candidate
+            return f"http://{candidate}" if re.fullmatch(r"[\w.-]+:\d+|\[[0-9a-fA-F:]+\]:\d+", candidate) else candidate
     raise JobError("no cluster address: pass --address http://HOST:8265 or set RAY_API_SERVER_ADDRESS")
 
 

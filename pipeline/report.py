@@ -86,6 +86,10 @@ def format_store(store: Store, version: int | None = None) -> str:
         if not hist:
             out.append(f"{which}: (no table yet)")
             continue
+        if version is not None and version not in {h.get("version") for h in hist}:
+            out.append(f"{which}: no version {version} (versions {min(h['version'] for h in hist)}-"
+                       f"{max(h['version'] for h in hist)})")
+            continue
         t = store.read(which, version=version, columns=["id"] + (["aug"] if which == "features" else []))
         n0 = t.filter(pc.field("aug") == 0).num_rows if which == "features" else t.num_rows
         out.append(f"{which}: {t.num_rows} rows ({n0} ids)" + (f" at version {version}" if version is not None else ""))

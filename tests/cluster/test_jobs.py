@@ -63,6 +63,9 @@ def test_address_and_env_resolution(monkeypatch):
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://a:8265")
     assert resolve_address(None) == "http://a:8265"
     assert resolve_address("http://c:8265") == "http://c:8265"
+    assert resolve_address("head.local:8265") == "http://head.local:8265"   # bare HOST:PORT: the job server
+    assert resolve_address("[::1]:8265") == "http://[::1]:8265"
+    assert resolve_address("ray://head:10001") == "ray://head:10001" and resolve_address("auto") == "auto"
     monkeypatch.setenv("MMPIPE_T", "v")
     assert forwarded_env(["MMPIPE_T", "X=1"]) == {"MMPIPE_T": "v", "X": "1"}
     with pytest.raises(JobError):

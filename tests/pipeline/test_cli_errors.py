@@ -51,6 +51,8 @@ CASES = [
     user_error("predict-bad-suffix", ["predict", "ok.yaml", "--model", "model", "--input", "m.jsonl", "--out", "p.txt"],
                r"unknown output type '\.txt'"),
     user_error("report-missing-store", ["report", "nostore"], r"store not found: nostore$"),
+    user_error("report-missing-version", ["report", "store", "--version", "99"],
+               r"no table of store has a version 99 \(versions: 0\)$"),
     user_error("submit-unreachable", ["submit", "ok.yaml", "--address", "{closed}"],
                r"cannot reach the Ray cluster at http://127\.0\.0\.1:\d+: "),
     user_error("status-unreachable", ["status", "raysubmit_1", "--address", "{closed}"], r"cannot reach the Ray cluster"),
@@ -59,6 +61,8 @@ CASES = [
     user_error("status-bad-address", ["status", "raysubmit_1", "--address", "http://127.0.0.1:notaport"],
                r"cannot reach the Ray cluster at http://127\.0\.0\.1:notaport: "),
     user_error("status-no-address", ["status", "raysubmit_1"], r"no cluster address"),
+    user_error("status-bare-host-port", ["status", "raysubmit_1", "--address", "{closed_bare}"],
+               r"cannot reach the Ray cluster at http://127\.0\.0\.1:\d+: "),
     usage_error("unknown-command", ["frobnicate"], r"No such command 'frobnicate'"),
     usage_error("run-no-config", ["run"], r"Missing argument 'config'"),
     usage_error("run-bad-option", ["run", "ok.yaml", "--bogus"], r"No such option: --bogus"),
@@ -95,7 +99,8 @@ def test_error_is_one_line_or_usage_and_exit_2(tmp_path, argv, expected):
     closed = f"http://127.0.0.1:{_closed_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *(a.replace("{closed}", closed) for a in argv)],
+    argv = [a.replace("{closed}", closed).replace("{closed_bare}", closed.removeprefix("http://")) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     shown = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr, shown
