@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from stages.base import MODALITIES
+from stages.base import MODALITIES, redact_urls
 
 # Columns of the in-flight batch. Media columns hold raw bytes after ingest, cleaned media after
 # cleanup (image: encoded jpg/png bytes, audio: FLAC bytes, text: str); None where absent.
@@ -76,8 +76,8 @@ REJECTS_SCHEMA = pa.schema(
 def reject_record(row: Mapping[str, Any], run_id: str, fp_all: str = "") -> dict[str, Any]:
     """The rejects-table row for a rejected row (a planner dict or one row of a batch): the one
     place a reject record is built."""
-    refs = {m: str(row.get(f"{m}_ref") or "") for m in ("image", "audio")}
+    refs = {m: redact_urls(str(row.get(f"{m}_ref") or "")) for m in ("image", "audio")}
     return {"id": str(row["id"]), "stage": str(row["reject_stage"]), "reason": str(row["reject_reason"]),
-            "detail": str(row["reject_detail"] or ""), "run_id": run_id,
+            "detail": redact_urls(str(row["reject_detail"] or "")), "run_id": run_id,
             "sha_sample": str(row.get("sha_sample") or ""), "fp_all": str(row.get("fp_all") or fp_all),
             "ref": json.dumps({k: v for k, v in refs.items() if v})}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -24,6 +25,15 @@ REJECT_STAGE, REJECT_REASON, REJECT_DETAIL = "reject_stage", "reject_reason", "r
 REDO = "redo"          # comma-separated modalities this run (re)computes for the row
 META = "meta"          # JSON object per row: what stages measured (sizes, durations, ...)
 DROPPED = "dropped"    # JSON object per row: modality -> reason, under the drop_modality policy
+
+
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@`` (reject
+    details and references are stored and shown; credentials must not be)."""
+    return _USERINFO.sub("***@", text)
 
 
 class Reject(Exception):

@@ -18,7 +18,6 @@ private object stores. requests is not used: it resolves names itself, after any
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 import threading
 import time
@@ -30,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from stages.base import Reject
+from stages.base import Reject, redact_urls
 
 ALLOWED_SCHEMES = ("http", "https")
 # content types the decoder gets to judge; a missing header counts as octet-stream
@@ -134,14 +133,6 @@ def opted_out(values: list[str], directives: list[str], user_agent: str) -> str 
             if directive.strip().lower() in wanted:
                 return directive.strip().lower()
     return None
-
-
-_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``."""
-    return _USERINFO.sub("***@", text)
 
 
 def _is_transient_status(code: int) -> bool:

@@ -99,3 +99,13 @@ def test_credentials_in_a_url_never_reach_a_reject(network_guard, http_server):
     with Fetcher(HTTP) as f:
         r = blocked(f, f"http://alice:s3cret@127.0.0.1:{port}/x.png")
     assert r.reason == "url_blocked" and "s3cret" not in r.detail and "alice" not in r.detail and "***@" in r.detail
+
+
+def test_a_reject_record_never_stores_credentials_from_a_reference():
+    from core.schema import reject_record
+
+    rec = reject_record({"id": "x", "reject_stage": "ingest.scan", "reject_reason": "http_status",
+                         "reject_detail": "404 for https://bob:hunter2@cdn.example.com/a.jpg",
+                         "image_ref": "https://bob:hunter2@cdn.example.com/a.jpg"}, "run")
+    assert "hunter2" not in rec["detail"] + rec["ref"] and "bob" not in rec["ref"]
+    assert "https://***@cdn.example.com/a.jpg" in rec["ref"]
