@@ -136,6 +136,55 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
     typer.echo(format_store(opened, version))
 
 
+def _open_store(store: str):
+    from core.store import Store
+
+    if "://" not in store and not Path(store).is_dir():
+        _fail(f"store not found: {store}")
+    return Store(store)
+
+
+@app.command()
+def why(store: str = typer.Argument(..., help="Store path or URI"),
+        id: str = typer.Argument(..., help="The sample's id"),
+        as_json: bool = typer.Option(False, "--json", help="Print the story as JSON")) -> None:
+    """One sample's story: accepted or rejected (stage, reason, detail, the kept id of a duplicate),
+    hashes, shard, augmented copies, the duplicates it absorbed, the run and version that wrote it."""
+    import json
+
+    from pipeline.explain import UnknownId, format_why, why as explain
+
+    try:
+        story = explain(_open_store(store), id)
+    except UnknownId:
+        _fail(f"no sample {id!r} in {store} (neither accepted nor rejected)")
+    typer.echo(json.dumps(story, sort_keys=True) if as_json else format_why(story))
+
+
+@app.command()
+def funnel(store: str = typer.Argument(..., help="Store path or URI"),
+           run_id: Optional[str] = typer.Option(None, "--run", help="A run id (default: the latest run)"),
+           png: Optional[Path] = typer.Option(None, "--png", help="Where the plot goes (default: funnel-<run>.png here)"),
+           as_json: bool = typer.Option(False, "--json", help="Print the steps as JSON (no plot)")) -> None:
+    """Rows entering and leaving each step of a run (scan, plan, every stage) with rejects by reason,
+    as a table and a PNG."""
+    import json
+
+    from pipeline.explain import UnknownId, format_funnel, funnel as steps_of, plot_funnel, run_record
+
+    try:
+        record = run_record(_open_store(store), run_id)
+    except UnknownId as exc:
+        _fail(f"no run {exc.args[0]!r} in {store}" if run_id else f"{store}: no run recorded yet")
+    steps = steps_of(record)
+    if as_json:
+        typer.echo(json.dumps({"run_id": record["run_id"], "steps": steps}))
+        return
+    typer.echo(format_funnel(record, steps))
+    path = png or Path(f"funnel-{record['run_id']}.png")
+    typer.echo(f"plot: {plot_funnel(record, steps, path)}")
+
+
 @app.command()
 def compact(store: str = typer.Argument(..., help="Store path or URI"),
             retain_hours: int = typer.Option(168, "--retain-hours", min=0,
