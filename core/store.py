@@ -126,7 +126,18 @@ class Store:
             if version is not None:
                 raise ValueError(f"{which} table has no version {version}")
             return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+        return self.snapshot(dt).to_table(columns=columns, filter=filter)
+
+    def snapshot(self, dt: DeltaTable) -> pads.Dataset:
+        """A Delta snapshot's data files as a pyarrow dataset on this store's own filesystem.
+        deltalake's ``to_pyarrow_dataset`` reads through a Python filesystem bridge into its Rust
+        object store, and a process that scanned through it aborted at exit about every other
+        time (``terminate called without an active exception``, exit 134, even after a
+        successful ``mmpipe report``). mmpipe's tables have no partitions and no deletion vectors
+        (a superseded row's file is rewritten), so the file list is the snapshot."""
+        schema = dt.to_pyarrow_dataset().schema
+        paths = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
+        return pads.dataset(paths, schema=schema, filesystem=self.fs, format="parquet")
 
     def dataset(self, which: str, version: int | None = None) -> pads.Dataset | None:
         """A table at ``version`` (default: the latest) as a lazily read pyarrow dataset, opened
@@ -142,7 +153,7 @@ class Store:
 
                 raise ConfigError(f"{which} table at {uri} has no version {version} (versions 0..{dt.version()})")
             dt.load_as_version(version)
-        return dt.to_pyarrow_dataset()
+        return self.snapshot(dt)
 
     def batches(self, which: str, columns: list[str], filter: pc.Expression | None = None,
                 version: int | None = None) -> Iterator[pa.RecordBatch]:
@@ -152,8 +163,8 @@ class Store:
         dt = self.table(self.uri_of(which), version)
         if dt is None:
             return iter(())
-        return dt.to_pyarrow_dataset().to_batches(columns=columns, filter=filter, batch_size=4096,
-                                                  batch_readahead=2, fragment_readahead=1)
+        return self.snapshot(dt).to_batches(columns=columns, filter=filter, batch_size=4096,
+                                            batch_readahead=2, fragment_readahead=1)
 
     def count(self, which: str, filter: pc.Expression | None = None) -> int:
         """Rows of a table (matching ``filter``), counted by the reader, no row materialised."""

@@ -136,6 +136,23 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
     typer.echo(format_store(opened, version))
 
 
+@app.command("plan")
+def plan_cmd(config: Path = typer.Argument(..., help="YAML config"),
+             input: Optional[str] = typer.Option(None, "--input", help="Manifest, folder or shards (source.path)"),
+             store: Optional[str] = typer.Option(None, "--store", help="Store path or URI"),
+             as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+             set_: list[str] = SetOpt) -> None:
+    """A dry run: what `run` would do (new, changed, unchanged, removed, rejected; features recomputed per
+    modality; which stages changed and how; an estimated time). Nothing runs, nothing is written."""
+    import json
+
+    from pipeline.dryrun import dry_run, format_dry_run
+
+    cfg = _config(config, set_, source__path=input, store=store)
+    plan = dry_run(cfg)
+    typer.echo(json.dumps(plan, sort_keys=True) if as_json else format_dry_run(plan))
+
+
 def _open_store(store: str):
     from core.store import Store
 
