@@ -153,6 +153,27 @@ def plan_cmd(config: Path = typer.Argument(..., help="YAML config"),
     typer.echo(json.dumps(plan, sort_keys=True) if as_json else format_dry_run(plan))
 
 
+@app.command("diff")
+def diff_cmd(store: str = typer.Argument(..., help="Store path or URI"),
+             from_: int = typer.Option(..., "--from", help="Features table version to compare from"),
+             to: Optional[int] = typer.Option(None, "--to", help="... to (default: the latest)"),
+             as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON")) -> None:
+    """Which ids were added, removed or changed between two features-table versions, and why
+    (a content change or changed stages, per modality; counts per stage)."""
+    import json
+
+    from pipeline.explain import diff, format_diff
+
+    opened = _open_store(store)
+    known = sorted(h["version"] for h in opened.versions("features") if h.get("version") is not None)
+    to = known[-1] if to is None and known else to
+    for v in (from_, to):
+        if v not in known:
+            _fail(f"the features table of {store} has no version {v} (versions: {', '.join(map(str, known)) or 'none'})")
+    d = diff(opened, from_, to)
+    typer.echo(json.dumps(d, sort_keys=True) if as_json else format_diff(d))
+
+
 def _open_store(store: str):
     from core.store import Store
 

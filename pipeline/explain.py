@@ -153,3 +153,85 @@ def plot_funnel(record: dict[str, Any], steps: list[dict[str, Any]], path: Path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- diff -----------------------------------------------------------------------------------
+DIFF_COLUMNS = ["id"] + [f"sha_{m}" for m in ("image", "text", "audio")] + [f"fp_{m}" for m in ("image", "text", "audio")] + ["run_id"]
+DIFF_BUCKET_ROWS = 200_000   # rows of both versions joined at a time
+
+
+def diff(store: Store, old: int, new: int, examples: int = 5) -> dict[str, Any]:
+    """Which original rows were added, removed or changed between two features-table versions,
+    and why: per modality, its content (a content hash) or its stages (a fingerprint); per stage,
+    how many rows a changed stage fingerprint touched (from the run records of the runs that wrote
+    the two rows). Streams: both versions are routed into id buckets on local spills and joined
+    one bucket at a time."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from pipeline.spill import Partitioned
+
+    originals = pc.field("aug") == 0
+    sizes = [store.dataset("features", v).count_rows(filter=originals) for v in (old, new)]
+    buckets = max(1, -(-max(sizes) // DIFF_BUCKET_ROWS))
+    schema = pa.schema([(c, pa.string()) for c in DIFF_COLUMNS])
+    runs = {r["run_id"]: r.get("fingerprints", {}) for r in store.runs()}
+    out: dict[str, Any] = {"from": old, "to": new, "added": 0, "removed": 0, "changed": 0, "unchanged": 0,
+                           "modalities": {}, "stages": {}, "examples": {"added": [], "removed": [], "changed": []}}
+    with tempfile.TemporaryDirectory(prefix="mmpipe-diff-") as tmp:
+        sides = []
+        for name, version in (("old", old), ("new", new)):
+            part = Partitioned(Path(tmp) / name, schema, buckets, "id")
+            for batch in store.batches("features", DIFF_COLUMNS, filter=originals, version=version):
+                part.add(pa.Table.from_batches([batch]).cast(schema))
+            sides.append(part.close())
+        for a, b in zip(sides[0].parts, sides[1].parts):
+            _diff_bucket(a.table(), b.table(), out, runs, examples)
+    return out
+
+
+def _diff_bucket(old, new, out: dict[str, Any], runs: dict[str, dict], examples: int) -> None:
+    joined = old.join(new, "id", join_type="full outer", left_suffix="_old", right_suffix="_new",
+                      coalesce_keys=True).to_pylist()
+    for row in joined:
+        if row["run_id_old"] is None:
+            kind = "added"
+        elif row["run_id_new"] is None:
+            kind = "removed"
+        else:
+            why = {}
+            for m in ("image", "text", "audio"):
+                if row[f"sha_{m}_old"] != row[f"sha_{m}_new"]:
+                    why[m] = "content"
+                elif row[f"fp_{m}_old"] != row[f"fp_{m}_new"]:
+                    why[m] = "stages"
+            if not why:
+                out["unchanged"] += 1
+                continue
+            kind = "changed"
+            for m, reason in why.items():
+                counts = out["modalities"].setdefault(m, {})
+                counts[reason] = counts.get(reason, 0) + 1
+            if "stages" in why.values():
+                before, after = runs.get(row["run_id_old"], {}), runs.get(row["run_id_new"], {})
+                for stage in sorted(set(before) | set(after)):
+                    if before.get(stage) != after.get(stage):
+                        out["stages"][stage] = out["stages"].get(stage, 0) + 1
+        out[kind] += 1
+        if len(out["examples"][kind]) < examples:
+            out["examples"][kind].append(row["id"])
+
+
+def format_diff(d: dict[str, Any]) -> str:
+    lines = [f"features version {d['from']} -> {d['to']}: {d['added']} added, {d['removed']} removed, "
+             f"{d['changed']} changed, {d['unchanged']} unchanged (original rows)"]
+    for m, counts in sorted(d["modalities"].items()):
+        lines.append(f"  {m}: " + ", ".join(f"{n} by {'a content change' if r == 'content' else 'changed stages'}"
+                                              for r, n in sorted(counts.items())))
+    for stage, n in sorted(d["stages"].items()):
+        lines.append(f"  stage {stage}: fingerprint changed for {n} row(s)")
+    for kind, ids in d["examples"].items():
+        if ids:
+            lines.append(f"  e.g. {kind}: {', '.join(ids)}")
+    return "\n".join(lines)

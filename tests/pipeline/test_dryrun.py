@@ -21,7 +21,7 @@ def _versions(store: Path) -> tuple[int, int, int]:
     return len(s.versions("features")), len(s.versions("rejects")), len(s.runs())
 
 
-def test_plan_predicts_the_next_run_and_writes_nothing(tmp_path):
+def test_plan_predicts_the_next_run_and_writes_nothing(tmp_path, ray_session):
     manifest = make_demo(tmp_path / "data", n=12)
     store = tmp_path / "store"
     first = dry_run(config(tmp_path, manifest, store))   # an empty store: everything is new

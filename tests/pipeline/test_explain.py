@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 
 from core.store import Store
@@ -18,7 +19,7 @@ MMPIPE = str(Path(sys.executable).parent / "mmpipe")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, ray_session):
     folder = tmp_path_factory.mktemp("explain")
     manifest = make_demo(folder / "data", n=16)
     path = folder / "store"
@@ -79,3 +80,31 @@ def test_cli_why_and_funnel(store, tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     bad_run = subprocess.run([MMPIPE, "funnel", str(path), "--run", "nope"], capture_output=True, text=True, timeout=60)
     assert bad_run.returncode == 2 and bad_run.stderr.startswith("mmpipe: error: no run 'nope'")
+
+
+def test_diff_between_two_versions_says_what_changed_and_why(tmp_path, ray_session):
+    from pipeline.explain import diff
+
+    manifest = make_demo(tmp_path / "data", n=10)
+    path = tmp_path / "store"
+    run(config(tmp_path, manifest, path), log=lambda s: None)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    edited = next(r for r in rows if r["id"] == "s00001")
+    edited["text"] = "an entirely different caption about the open ocean"
+    gone = rows.pop(next(k for k, r in enumerate(rows) if r["id"] == "s00002"))
+    rows.append({"id": "newcomer", "text": "a fresh sample of text here", "label": "city"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = run(config(tmp_path, manifest, path, {"stages": {"features": {"audio": {"params": {"n_mfcc": 13}}}}}),
+                 log=lambda s: None).record
+    d = diff(Store(str(path)), 0, record["versions"]["features"])
+    assert (d["added"], d["removed"]) == (1, 1) and d["examples"]["added"] == ["newcomer"]
+    assert d["examples"]["removed"] == [gone["id"]]
+    assert d["modalities"]["text"] == {"content": 1}
+    with_audio = Store(str(path)).count("features", (pc.field("aug") == 0) & pc.field("has_audio"))
+    assert d["modalities"]["audio"]["stages"] >= with_audio - 1     # every stored row with audio, recomputed
+    assert set(d["stages"]) == {"features.audio"}
+    assert d["changed"] + d["unchanged"] + d["added"] == Store(str(path)).count("features", pc.field("aug") == 0)
+    shown = subprocess.run([MMPIPE, "diff", str(path), "--from", "0"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "1 added, 1 removed" in shown.stdout and "stage features.audio" in shown.stdout
+    bad = subprocess.run([MMPIPE, "diff", str(path), "--from", "7"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("mmpipe: error: the features table of")

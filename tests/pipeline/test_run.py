@@ -226,7 +226,7 @@ def test_cli_run_profile_starts_ray_in_the_background_and_leaves_nothing_running
     assert set(record["stages"]) == set(record["fingerprints"]) | {"ingest.scan"}   # shard writing is not a stage
 
 
-def test_a_manifests_other_columns_travel_with_the_sample(tmp_path):
+def test_a_manifests_other_columns_travel_with_the_sample(tmp_path, ray_session):
     """A crawl's own columns (url, caption source, size, ...) are not an error: they land in the
     row's ``meta.source``, in the features table and in the sample's ``.json`` in its shard."""
     manifest = make_demo(tmp_path / "data", n=6)
