@@ -123,11 +123,8 @@ def report(store: str = typer.Argument(..., help="Store path or URI"),
            version: Optional[int] = typer.Option(None, "--version", help="Show the tables at this version")) -> None:
     """Show a store's tables, their versions and the run history."""
     from pipeline.report import format_store
-    from core.store import Store
 
-    if "://" not in store and not Path(store).is_dir():
-        _fail(f"store not found: {store}")
-    opened = Store(store)
+    opened = _open_store(store)
     if version is not None:
         known = {h.get("version") for which in ("features", "rejects") for h in opened.versions(which)}
         if version not in known:

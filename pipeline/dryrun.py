@@ -50,8 +50,9 @@ def dry_run(cfg: Config) -> dict[str, Any]:
                     rejects[reason] = rejects.get(reason, 0) + 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    last = store.runs()[-1] if store.runs() else None
-    specs = [s for s in pipe.specs]
+    runs = store.runs()
+    last = runs[-1] if runs else None
+    specs = pipe.specs
     out = {
         "store": store.uri, "input": plan.input, "to_process": plan.to_process, "new": plan.to_process - changed,
         "changed": changed, "unchanged": plan.unchanged, "removed": plan.removed, "partial": plan.partial,
