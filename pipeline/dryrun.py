@@ -53,14 +53,31 @@ def dry_run(cfg: Config) -> dict[str, Any]:
     runs = store.runs()
     last = runs[-1] if runs else None
     specs = pipe.specs
+    changes = stage_changes(cfg, {s.name: s.fingerprint for s in specs}, last)
     out = {
-        "store": store.uri, "input": plan.input, "to_process": plan.to_process, "new": plan.to_process - changed,
-        "changed": changed, "unchanged": plan.unchanged, "removed": plan.removed, "partial": plan.partial,
-        "rejected_at_ingest": plan.planned_rejects, "rejects_by_reason": rejects, "recompute": redo,
-        "stage_changes": stage_changes(cfg, {s.name: s.fingerprint for s in specs}, last),
+        "store": store.uri,
+        "counts": {"input": plan.input, "to_process": plan.to_process, "new": plan.to_process - changed,
+                   "changed": changed, "unchanged": plan.unchanged, "removed": plan.removed, "partial": plan.partial,
+                   "rejected_at_ingest": plan.planned_rejects},
+        "rejects_by_reason": rejects, "recompute": redo, "stage_changes": changes,
         "compared_with_run": last["run_id"] if last else None,
     }
-    out["estimate_s"] = estimate(out, specs, last, pipe.info.get("num_cpus", 1))
+    out["stages"] = stage_rows(out, specs, {c["stage"] for c in changes})
+    out["estimate_s"] = estimate(out, last, pipe.info.get("num_cpus", 1))
+    return out
+
+
+def stage_rows(plan: dict, specs, changed: set[str]) -> dict[str, dict[str, Any]]:
+    """Rows each stage would see, and why: a feature stage its modality's recomputed rows, every
+    other stage the processed rows; "stage changed" when its own fingerprint changed."""
+    counts = plan["counts"]
+    out = {}
+    for spec in specs:
+        m = spec.cls.modality
+        rows = plan["recompute"][m] if spec.name.startswith("features.") and m in plan["recompute"] else counts["to_process"]
+        why = (["stage changed"] if spec.name in changed else []) + (["new inputs"] if counts["new"] else []) \
+            + (["changed inputs or stages"] if counts["changed"] else [])
+        out[spec.name] = {"rows": rows, "why": why if rows else []}
     return out
 
 
@@ -99,28 +116,22 @@ def _flat(entry: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def estimate(plan: dict, specs, last: dict | None, cpus: int) -> float | None:
+def estimate(plan: dict, last: dict | None, cpus: int) -> float | None:
     """Seconds of stage work the plan means, from the last run's rows per second for each stage,
     spread over the CPUs; None without a previous run to take the rates from."""
-    if last is None or not plan["to_process"]:
-        return None if last is None else 0.0
+    if last is None:
+        return None
     rates = {name: s.get("rows_per_s") for name, s in last.get("stages", {}).items()}
-    seconds = 0.0
-    for spec in specs:
-        rate = rates.get(spec.name)
-        if not rate:
-            continue
-        m = spec.cls.modality
-        rows = plan["recompute"][m] if m in plan["recompute"] and spec.name.startswith("features.") else plan["to_process"]
-        seconds += rows / rate
+    seconds = sum(s["rows"] / rates[name] for name, s in plan["stages"].items() if rates.get(name))
     return round(seconds / max(1, cpus), 1)
 
 
 def format_dry_run(plan: dict[str, Any]) -> str:
+    c = plan["counts"]
     lines = [f"plan for {plan['store']} (nothing run, nothing written)",
-             f"inputs: {plan['input']}: new {plan['new']}, changed {plan['changed']}, unchanged {plan['unchanged']}, "
-             f"removed {plan['removed']}, rejected at ingest {plan['rejected_at_ingest']}",
-             f"to process: {plan['to_process']} rows; features recomputed: "
+             f"inputs: {c['input']}: new {c['new']}, changed {c['changed']}, unchanged {c['unchanged']}, "
+             f"removed {c['removed']}, rejected at ingest {c['rejected_at_ingest']}",
+             f"to process: {c['to_process']} rows; features recomputed: "
              + ", ".join(f"{m} {n}" for m, n in plan["recompute"].items())]
     if plan["rejects_by_reason"]:
         lines.append("rejects at ingest: " + ", ".join(f"{r}={n}" for r, n in sorted(plan["rejects_by_reason"].items())))

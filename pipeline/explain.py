@@ -31,8 +31,9 @@ def _commits(store: Store, which: str) -> dict[str, int]:
 
 
 def why(store: Store, rid: str) -> dict[str, Any]:
-    """One sample's story: accepted (with its copies, hashes, shard, the duplicates it absorbed)
-    or rejected (stage, reason, detail, the kept id of a duplicate), and the runs that wrote it."""
+    """One sample's story: accepted (with its copies, hashes, shard, ``duplicates``: the ids
+    rejected as its duplicates) or rejected (stage, reason, detail, ``kept_id`` of a duplicate),
+    and ``runs``: the run that wrote its current row and the table version that run made."""
     feats = store.read("features", columns=WHY_FEATURE_COLUMNS, filter=pc.field("id") == rid).to_pylist()
     rejected = store.read("rejects", filter=pc.field("id") == rid).to_pylist()
     if not feats and not rejected:
@@ -50,13 +51,14 @@ def why(store: Store, rid: str) -> dict[str, Any]:
                    meta=json.loads(original["meta"] or "{}"), dropped=json.loads(original["dropped"] or "{}"),
                    copies=[{"aug": r["aug"], "shard": r["shard"], "params": json.loads(r["aug_params"] or "{}")}
                            for r in sorted(feats, key=lambda r: r["aug"]) if r["aug"] > 0],
-                   duplicates_rejected=sorted(r["id"] for r in absorbed),
-                   written_by={"run": original["run_id"], "features_version": versions["features"].get(original["run_id"])})
+                   duplicates=sorted(r["id"] for r in absorbed),
+                   runs=[{"run": original["run_id"], "table": "features",
+                          "version": versions["features"].get(original["run_id"])}])
     else:
         rej = rejected[0]
         out.update(status="rejected", stage=rej["stage"], reason=rej["reason"], detail=rej["detail"],
                    source=json.loads(rej["ref"] or "{}"), sha={"sample": rej["sha_sample"]} if rej["sha_sample"] else {},
-                   written_by={"run": rej["run_id"], "rejects_version": versions["rejects"].get(rej["run_id"])})
+                   runs=[{"run": rej["run_id"], "table": "rejects", "version": versions["rejects"].get(rej["run_id"])}])
         if rej["reason"] == "duplicate":
             out["kept_id"] = rej["detail"]
     return out
@@ -65,7 +67,7 @@ def why(store: Store, rid: str) -> dict[str, Any]:
 def format_why(story: dict[str, Any]) -> str:
     lines = [f"{story['id']}: {story['status']}"]
     keys = ("stage", "reason", "detail", "kept_id", "label", "split", "modalities", "source", "sha", "fingerprint",
-            "shard", "dropped", "meta", "duplicates_rejected", "written_by")
+            "shard", "dropped", "meta", "duplicates", "runs")
     for key in keys:
         if story.get(key) not in (None, "", [], {}):
             value = story[key]

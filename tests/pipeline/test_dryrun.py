@@ -25,7 +25,8 @@ def test_plan_predicts_the_next_run_and_writes_nothing(tmp_path, ray_session):
     manifest = make_demo(tmp_path / "data", n=12)
     store = tmp_path / "store"
     first = dry_run(config(tmp_path, manifest, store))   # an empty store: everything is new
-    assert first["new"] == first["to_process"] > 0 and first["changed"] == 0 and first["estimate_s"] is None
+    assert first["counts"]["new"] == first["counts"]["to_process"] > 0 and first["counts"]["changed"] == 0
+    assert first["estimate_s"] is None and first["stages"]["cleanup.image"]["rows"] == first["counts"]["to_process"]
     assert not (store / "features").exists()
     run(config(tmp_path, manifest, store), log=lambda s: None)
 
@@ -38,13 +39,16 @@ def test_plan_predicts_the_next_run_and_writes_nothing(tmp_path, ray_session):
     before = _versions(store)
     plan = dry_run(changed_cfg)
     assert _versions(store) == before                            # nothing written
-    assert plan["new"] == 1 and plan["removed"] == 1 and plan["estimate_s"] is not None
+    assert plan["counts"]["new"] == 1 and plan["counts"]["removed"] == 1 and plan["estimate_s"] is not None
+    assert plan["stages"]["features.audio"]["rows"] == plan["recompute"]["audio"] > 0
+    assert "stage changed" in plan["stages"]["features.audio"]["why"] and "stage changed" not in plan["stages"]["features.image"]["why"]
     assert plan["stage_changes"] == [{"stage": "features.audio", "was": plan["stage_changes"][0]["was"],
                                       "now": plan["stage_changes"][0]["now"],
                                       "parameters": {"params.n_mfcc": [None, 13]}}]
     record = run(changed_cfg, log=lambda s: None).record
-    assert record["counts"]["unchanged"] == plan["unchanged"] and record["counts"]["removed"] == plan["removed"]
-    assert record["counts"]["processed"] == plan["to_process"] + plan["rejected_at_ingest"]
+    counts = plan["counts"]
+    assert record["counts"]["unchanged"] == counts["unchanged"] and record["counts"]["removed"] == counts["removed"]
+    assert record["counts"]["processed"] == counts["to_process"] + counts["rejected_at_ingest"]
 
 
 def test_cli_plan_text_and_json(tmp_path):
@@ -58,5 +62,5 @@ def test_cli_plan_text_and_json(tmp_path):
     assert "nothing run, nothing written" in out.stdout and "new 12," in out.stdout   # 16 inputs, 4 rejected at ingest
     js = subprocess.run([MMPIPE, "plan", str(cfg), "--input", str(manifest), "--store", str(tmp_path / "s"), "--json"],
                         capture_output=True, text=True, timeout=120)
-    assert js.returncode == 0 and json.loads(js.stdout)["input"] == 16
+    assert js.returncode == 0 and json.loads(js.stdout)["counts"]["input"] == 16
     assert not (tmp_path / "s" / "features").exists()

@@ -32,8 +32,8 @@ def test_why_tells_an_accepted_samples_story(store):
     path, record = store
     story = why(Store(str(path)), "s00000")
     assert story["status"] == "accepted" and story["label"] and story["shard"].startswith(f"samples/{record['run_id']}/")
-    assert story["duplicates_rejected"] == ["dup-of-s00000"]          # the demo's exact copy of it
-    assert story["written_by"] == {"run": record["run_id"], "features_version": record["versions"]["features"]}
+    assert story["duplicates"] == ["dup-of-s00000"]          # the demo's exact copy of it
+    assert story["runs"] == [{"run": record["run_id"], "table": "features", "version": record["versions"]["features"]}]
     assert set(story["sha"]) >= {"sample"} and story["modalities"]
     if story["split"] == "train":   # augmented copies are made of training samples
         assert story["copies"] and all(c["params"] for c in story["copies"])
@@ -45,7 +45,7 @@ def test_why_tells_a_rejected_samples_story(store):
     assert (dup["status"], dup["stage"], dup["reason"], dup["kept_id"]) == ("rejected", "ingest", "duplicate", "s00000")
     blank = why(Store(str(path)), "bad-blank-image")
     assert (blank["reason"], blank["stage"]) == ("image_blank", "cleanup.image") and "blank_std" in blank["detail"]
-    assert blank["written_by"]["rejects_version"] == record["versions"]["rejects"]
+    assert blank["runs"] == [{"run": record["run_id"], "table": "rejects", "version": record["versions"]["rejects"]}]
     with pytest.raises(UnknownId):
         why(Store(str(path)), "no-such-id")
 
