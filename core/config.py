@@ -91,6 +91,9 @@ class ExecutionConfig(Strict):
     plan_bucket_rows: int = Field(100_000, ge=1)
     # Source records read and scanned per chunk.
     scan_chunk_rows: int = Field(10_000, ge=1)
+    # Stored rejects with these reasons are processed again (`mmpipe run --retry-rejects`), whatever
+    # else is unchanged; a retry list is for one run, not for a config file.
+    retry_rejects: list[str] = Field(default_factory=list)
 
 
 class RayConfig(Strict):

@@ -42,12 +42,25 @@ def run(config: Path = typer.Argument(..., help="YAML config"),
         store: Optional[str] = typer.Option(None, "--store", help="Store path or URI"),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to run against (or RAY_ADDRESS)"),
         profile: bool = typer.Option(False, "--profile", help="Also print where the wall time went and each stage's CPU time"),
+        retry_rejects: Optional[str] = typer.Option(None, "--retry-rejects", metavar="REASON[,REASON...]",
+                                                    help="Process again the samples rejected with these reasons "
+                                                         "(e.g. http_timeout,image_error); the rest as usual"),
         set_: list[str] = SetOpt) -> None:
     """Run the pipeline: only what changed since the last run is processed."""
     from pipeline.report import format_profile, format_run, process_start_time
     from pipeline.runner import run as run_pipeline
 
-    cfg = _config(config, set_, source__path=input, store=store, ray__address=address)
+    retry = [r.strip() for r in (retry_rejects or "").split(",") if r.strip()]
+    cfg = _config(config, set_, source__path=input, store=store, ray__address=address,
+                  **({"execution__retry_rejects": retry} if retry else {}))
+    if retry:
+        from stages.registry import STAGES, load_builtin
+
+        load_builtin()
+        known = {code for cls in STAGES.values() for code in cls.reject_reasons()}
+        unknown = sorted(set(retry) - known)
+        if unknown:
+            _fail(f"--retry-rejects: unknown reject reason(s) {', '.join(unknown)}; see README's reject reasons")
     result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True), release_ray=True)
     typer.echo(format_run(result.record))
     if profile:

@@ -117,7 +117,12 @@ class Planner:
         if self.store is not None:                   # 3: the store's lineage, streamed
             for batch in self.store.batches("features", FEATURE_LINEAGE):
                 lin_f.add(batch)
+            retry = pa.array(self.cfg.execution.retry_rejects, pa.string())
             for batch in self.store.batches("rejects", REJECT_LINEAGE):
+                if len(retry):   # a reject to retry looks changed: its stages' fingerprint is forgotten
+                    fp = REJECT_LINEAGE.index("fp_all")
+                    batch = batch.set_column(fp, "fp_all", pc.if_else(pc.is_in(batch["reason"], value_set=retry),
+                                                                      pa.scalar("", pa.string()), batch["fp_all"]))
                 lin_r.add(batch)
         candidates = Spill(f / "candidates.parquet", CANDIDATE)
         touched: list[np.ndarray] = []

@@ -35,6 +35,8 @@ CASES = [
     user_error("run-unknown-set-key", ["run", "ok.yaml", "--input", "m.jsonl", "--set", "nosuch.key=1"],
                r"unknown config key 'nosuch'$"),
     user_error("run-missing-input", ["run", "ok.yaml", "--input", "nothere.jsonl"], r"manifest not found: nothere\.jsonl$"),
+    user_error("run-unknown-retry-reason", ["run", "ok.yaml", "--input", "m.jsonl", "--retry-rejects", "http_timeout,http_timout"],
+               r"--retry-rejects: unknown reject reason\(s\) http_timout; "),
     user_error("train-missing-store", ["train", "ok.yaml", "--store", "empty"],
                r"no features table at \S*/empty/features; run `mmpipe run` first$"),
     user_error("train-unknown-fusion", ["train", "ok.yaml", "--fusion", "nosuch"],

@@ -205,3 +205,28 @@ def test_a_file_rewritten_in_place_is_seen_despite_the_hash_cache(own, tmp_path)
     target.write_bytes(_audio(row["label"], np.random.default_rng(3)))   # same path, new content
     rec = go(folder, manifest, store)
     assert rec["counts"]["processed"] == 1 and rec["counts"]["partial"] == 1
+
+
+def test_retry_rejects_reprocesses_only_those_rejects(tmp_path, ray_session):
+    """``--retry-rejects REASON``: the samples stored as rejected with that reason are processed
+    again (here rejected again, by a new run), every other row is left as it was."""
+    from deltalake import DeltaTable
+
+    manifest = make_demo(tmp_path / "data", n=12)
+    store = tmp_path / "store"
+    run(config(tmp_path, manifest, store), log=lambda s: None)
+    before_r = {r["id"]: r for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
+    before_f = {(r["id"], r["aug"]): r["run_id"] for r in DeltaTable(str(store / "features")).to_pyarrow_table(
+        columns=["id", "aug", "run_id"]).to_pylist()}
+    retried = {k for k, r in before_r.items() if r["reason"] in ("image_blank", "audio_silent")}
+    assert len(retried) == 2
+    record = run(config(tmp_path, manifest, store, {"execution": {"retry_rejects": ["image_blank", "audio_silent"]}}),
+                 log=lambda s: None).record
+    assert record["counts"]["processed"] == 2 and record["counts"]["unchanged"] == len(before_f) + len(before_r) - 2
+    after_r = {r["id"]: r for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
+    after_f = {(r["id"], r["aug"]): r["run_id"] for r in DeltaTable(str(store / "features")).to_pyarrow_table(
+        columns=["id", "aug", "run_id"]).to_pylist()}
+    assert after_f == before_f                                                  # no accepted row touched
+    assert {k for k in after_r if after_r[k]["run_id"] == record["run_id"]} == retried
+    assert {k: (r["reason"], r["run_id"]) for k, r in after_r.items() if k not in retried} == \
+        {k: (r["reason"], r["run_id"]) for k, r in before_r.items() if k not in retried}
