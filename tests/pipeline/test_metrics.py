@@ -117,3 +117,31 @@ def test_scraped_stage_counters_match_the_run_record(tmp_path):
     latency = [s for s in families["ray_mmpipe_batch_seconds"]
                if s.name == "ray_mmpipe_batch_seconds_count" and s.labels["stage"] == "features.text"]
     assert sum(s.value for s in latency) >= 1
+
+
+def test_the_grafana_dashboard_shows_every_metric_and_only_exported_ones():
+    """configs/grafana/mmpipe-dashboard.json: valid JSON, each query names only metrics that
+    pipeline/metrics.py declares (as Ray exports them: ray_ prefix, _total for counters, the
+    histogram's _bucket / _sum / _count), and every declared metric has a panel."""
+    import json
+    import re
+    from pathlib import Path
+
+    from ray.util.metrics import Counter, Histogram
+
+    dash = json.loads((Path(__file__).resolve().parents[2] / "configs" / "grafana" / "mmpipe-dashboard.json").read_text())
+    exported = set()
+    for name, spec in METRICS.items():
+        if spec.kind is Counter:
+            exported.add(f"ray_{name}_total")
+        elif spec.kind is Histogram:
+            exported |= {f"ray_{name}_{s}" for s in ("bucket", "sum", "count")}
+        else:
+            exported.add(f"ray_{name}")
+    queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    used = {m for q in queries for m in re.findall(r"\b(ray_[a-z_]+)\b", q)}
+    assert used and used <= exported, used - exported
+    for name in METRICS:
+        assert any(m.startswith(f"ray_{name}") for m in used), name
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
