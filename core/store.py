@@ -40,14 +40,29 @@ def _storage_options(uri: str) -> dict[str, str] | None:
     return opts
 
 
+def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a path or URI, and the path inside it."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def snapshot_dataset(dt: DeltaTable, fs: pafs.FileSystem) -> pads.Dataset:
+    """A Delta snapshot's data files as a pyarrow dataset read through ``fs``. deltalake's
+    ``to_pyarrow_dataset`` reads through a Python filesystem bridge into its Rust object store,
+    and a process that scanned through it aborted at exit about every other time (``terminate
+    called without an active exception``, exit 134, even after a successful ``mmpipe report``).
+    mmpipe's tables have no partitions and no deletion vectors (a superseded row's file is
+    rewritten), so the file list is the snapshot."""
+    paths = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
+    return pads.dataset(paths, schema=dt.to_pyarrow_dataset().schema, filesystem=fs, format="parquet")
+
+
 class Store:
     def __init__(self, uri: str):
         self.is_local = "://" not in uri
         self.uri = str(Path(uri).resolve()) if self.is_local else uri.rstrip("/")
-        if self.is_local:
-            self.fs, self.root = pafs.LocalFileSystem(), self.uri
-        else:
-            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.fs, self.root = filesystem_of(self.uri)
         self.storage_options = _storage_options(self.uri)
 
     # -- layout -----------------------------------------------------------------------------
@@ -129,15 +144,7 @@ class Store:
         return self.snapshot(dt).to_table(columns=columns, filter=filter)
 
     def snapshot(self, dt: DeltaTable) -> pads.Dataset:
-        """A Delta snapshot's data files as a pyarrow dataset on this store's own filesystem.
-        deltalake's ``to_pyarrow_dataset`` reads through a Python filesystem bridge into its Rust
-        object store, and a process that scanned through it aborted at exit about every other
-        time (``terminate called without an active exception``, exit 134, even after a
-        successful ``mmpipe report``). mmpipe's tables have no partitions and no deletion vectors
-        (a superseded row's file is rewritten), so the file list is the snapshot."""
-        schema = dt.to_pyarrow_dataset().schema
-        paths = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
-        return pads.dataset(paths, schema=schema, filesystem=self.fs, format="parquet")
+        return snapshot_dataset(dt, self.fs)
 
     def dataset(self, which: str, version: int | None = None) -> pads.Dataset | None:
         """A table at ``version`` (default: the latest) as a lazily read pyarrow dataset, opened

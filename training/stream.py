@@ -40,7 +40,10 @@ class Snapshot:
     def dataset(self) -> pads.Dataset:
         from deltalake import DeltaTable
 
-        return DeltaTable(self.uri, version=self.version, storage_options=self.storage_options).to_pyarrow_dataset()
+        from core.store import filesystem_of, snapshot_dataset
+
+        dt = DeltaTable(self.uri, version=self.version, storage_options=self.storage_options)
+        return snapshot_dataset(dt, filesystem_of(self.uri)[0])
 
     def batches(self, columns: list[str], filter: pc.Expression | None = None, batch_size: int = READ_ROWS,
                 filter_columns: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
