@@ -289,15 +289,24 @@ def _default_config(name: str) -> Path:
     _fail(f"cannot find configs/{name}; pass --config")
 
 
-def _register_jobs() -> None:
-    try:
-        from pipeline.jobs import register
-    except ImportError:
-        return
-    register(app, _config)
+# Commands that live beside the code they drive: each module has ``register(app, config_loader)``.
+COMMAND_MODULES = ("pipeline.jobs", "pipeline.serve", "pipeline.export")
 
 
-_register_jobs()
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:   # the module is there but something it imports is missing
+                raise
+            continue
+        module.register(app, _config)
+
+
+_register_commands()
 
 
 def _one_line(message: str) -> str:
