@@ -94,6 +94,9 @@ class ExecutionConfig(Strict):
     # Stored rejects with these reasons are processed again (`mmpipe run --retry-rejects`), whatever
     # else is unchanged; a retry list is for one run, not for a config file.
     retry_rejects: list[str] = Field(default_factory=list)
+    # Cleaning one sample (decoding and checking one image, clip or text) may take this long; past
+    # it the sample is rejected with decode_timeout and the worker goes on with the next one.
+    decode_timeout_s: float = Field(30.0, gt=0)
 
 
 class RayConfig(Strict):

@@ -66,6 +66,7 @@ class Pipeline:
     def context(self) -> StageContext:
         return StageContext(run_id=self.run_id, seed=self.cfg.seed, bad_modality=self.cfg.bad_modality,
                             store=self.store.uri if self.store else "",
+                            decode_timeout_s=self.cfg.execution.decode_timeout_s,
                             cache_dir=str(self.store.local_dir("cache", "http")) if self.store else "")
 
     # -- run hooks ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ later stage leaves it alone; the runner routes it to the rejects table.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -45,6 +46,40 @@ class Reject(Exception):
         self.detail = detail
 
 
+class DecodeTimeout(Reject):
+    """A sample's cleanup ran past the run's per-sample budget (``execution.decode_timeout_s``)."""
+
+    def __init__(self, seconds: float, budget: float):
+        super().__init__("decode_timeout", f"still decoding after {seconds:.1f} s > decode_timeout_s {budget:g}")
+
+
+# The running sample's deadline (time.monotonic()); one sample at a time per process.
+_deadline = float("inf")
+_budget = float("inf")
+_started = 0.0
+
+
+def check_deadline() -> None:
+    """Raise ``DecodeTimeout`` once the running sample is past its budget. Decoders call it between
+    chunks (``BudgetedBytes`` on every read), so a slow or hostile file stops early; C code that never
+    returns to Python is bounded by the size caps checked before decoding (pixels, samples)."""
+    now = time.monotonic()
+    if now > _deadline:
+        raise DecodeTimeout(now - _started, _budget)
+
+
+class BudgetedBytes(io.BytesIO):
+    """In-memory media for a decoder that pulls its input (PIL, PyAV): every read checks the deadline."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        check_deadline()
+        return super().read(size)
+
+    def readinto(self, buffer) -> int:
+        check_deadline()
+        return super().readinto(buffer)
+
+
 class StageParams(BaseModel):
     """Base for every stage's parameters: unknown keys are config errors."""
 
@@ -60,6 +95,7 @@ class StageContext(BaseModel):
     seed: int = 0
     bad_modality: str = "reject_sample"   # or "drop_modality"
     store: str = ""                       # store URI, for stages that consult what is stored
+    decode_timeout_s: float = 30.0        # per-sample cleanup budget (decode_timeout past it)
     cache_dir: str = ""                   # where ingest keeps fetched http(s) bodies
 
 
@@ -298,7 +334,8 @@ class ModalityCleaner(Stage):
     reads = ("{modality}",)
     writes = ("{modality}", META, DROPPED)
     reasons = {"{modality}_error": "the {modality} decoder failed unexpectedly (a bug or an exotic file)",
-               "no_modality": "under drop_modality: every modality of the row was dropped"}
+               "no_modality": "under drop_modality: every modality of the row was dropped",
+               "decode_timeout": "cleaning one sample took longer than execution.decode_timeout_s"}
 
     def clean(self, value: Any) -> Cleaned:
         raise NotImplementedError
@@ -310,7 +347,7 @@ class ModalityCleaner(Stage):
         for i in live_rows(batch, m, redo_only=False):
             self.stats.bytes_in += len(values[i]) if isinstance(values[i], (bytes, str)) else 0
             try:
-                result = self.clean(values[i])
+                result = self.clean_within_budget(values[i])
             except Reject as r:
                 self.bad_modality(batch, i, r.reason, r.detail)
                 continue
@@ -321,6 +358,20 @@ class ModalityCleaner(Stage):
             if result.meta:
                 update_meta(batch, i, **{f"{m}_{k}": v for k, v in result.meta.items()})
         return batch
+
+    def clean_within_budget(self, value: Any) -> Cleaned:
+        """``clean`` with the sample's deadline set: past it, the sample is rejected
+        (``decode_timeout``) whether the decoder noticed on a read or only finished late."""
+        global _deadline, _budget, _started
+        _budget = self.context.decode_timeout_s
+        _started = time.monotonic()
+        _deadline = _started + _budget
+        try:
+            result = self.clean(value)
+            check_deadline()
+            return result
+        finally:
+            _deadline = float("inf")
 
     def bad_modality(self, batch: Batch, i: int, reason: str, detail: str) -> None:
         if self.context.bad_modality != "drop_modality":

@@ -12,7 +12,7 @@ import soxr
 from pydantic import Field
 
 from stages import dsp
-from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
+from stages.base import Cleaned, ModalityCleaner, Reject, StageParams, check_deadline
 from stages.media import encode_flac
 from stages.registry import register_stage
 
@@ -20,6 +20,7 @@ from stages.registry import register_stage
 DECODE_ERRORS = (RuntimeError, ValueError, TypeError, EOFError, OSError)
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 UNKNOWN_LENGTH = 2**62          # libsndfile reports SF_COUNT_MAX frames for streams of unknown length
+READ_FRAMES = 1 << 18               # frames per read: the deadline is checked between reads
 PLAUSIBLE_RATES = (1000, 768_000)   # outside: a damaged header, not a recording
 MAX_FLOAT_PEAK = 16.0               # float files may clip above 1.0, never by 24 dB: damaged data
 
@@ -30,6 +31,8 @@ class AudioParams(StageParams):
     min_duration_s: float = Field(0.5, ge=0.0)             # after trimming: audio_too_short
     max_duration_s: float = Field(60.0, gt=0.0)            # header, then after trimming: audio_too_long
     max_channels: int = Field(16, ge=1)
+    # Decoded samples (frames x channels) at most: header first, then while reading (headers lie).
+    max_samples: int = Field(32_000_000, gt=0)             # audio_too_large_samples (128 MB of float32)
     trim_top_db: float | None = Field(40.0, gt=0.0)        # as librosa.effects.trim (stages/dsp.py); None = keep edges
     silence_dbfs: float = -50.0                            # RMS of the kept clip below this: audio_silent
     normalize: Literal["peak", "rms", "none"] = "peak"
@@ -84,6 +87,24 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {_OBJECT_REPR.sub('<bytes>', str(exc))}"
 
 
+def read_frames(data: bytes, limit: int) -> np.ndarray:
+    """At most ``limit`` frames as float32 (frames x channels), READ_FRAMES at a time, checking the
+    sample's deadline between reads."""
+    parts = []
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            while limit > 0:
+                part = f.read(min(READ_FRAMES, limit), dtype="float32", always_2d=True)
+                if part.shape[0] == 0:
+                    break
+                parts.append(part)
+                limit -= part.shape[0]
+                check_deadline()
+    except DECODE_ERRORS as exc:
+        raise Reject("audio_corrupt", _why(exc)) from None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
 def decode(data: bytes, p: AudioParams) -> Decoded:
     """Read the header first (duration, rate, channels), then decode at most max_duration_s."""
     try:
@@ -95,11 +116,14 @@ def decode(data: bytes, p: AudioParams) -> Decoded:
         raise Reject("audio_corrupt", f"implausible header: {sr} Hz, {channels} channels")
     if 0 < info.frames < UNKNOWN_LENGTH and info.frames / sr > p.max_duration_s:
         raise Reject("audio_too_long", f"header duration {info.frames / sr:.1f} s > max_duration_s {p.max_duration_s}")
-    limit = int(p.max_duration_s * sr) + 1   # headers can lie (mp3, damaged wav): bound the read anyway
-    try:
-        wave, _ = sf.read(io.BytesIO(data), frames=limit, dtype="float32", always_2d=True)
-    except DECODE_ERRORS as exc:
-        raise Reject("audio_corrupt", _why(exc)) from None
+    if 0 < info.frames < UNKNOWN_LENGTH and info.frames * channels > p.max_samples:
+        raise Reject("audio_too_large_samples", f"header: {info.frames} frames x {channels} channels "
+                                                f"> max_samples {p.max_samples}")
+    # Headers can lie (mp3, damaged wav): bound the read by duration and decoded size anyway.
+    limit = min(int(p.max_duration_s * sr) + 1, p.max_samples // channels + 1)
+    wave = read_frames(data, limit)
+    if wave.shape[0] >= limit and wave.shape[0] * channels > p.max_samples:
+        raise Reject("audio_too_large_samples", f"more than max_samples {p.max_samples} decoded samples")
     if wave.shape[0] == 0:
         raise Reject("audio_corrupt", "no samples")
     if not np.isfinite(wave).all():
@@ -123,6 +147,7 @@ class AudioCleaner(ModalityCleaner):
         "audio_corrupt": "empty, garbage, truncated, undecodable, implausible header, non-finite or wild samples",
         "audio_too_large_bytes": "raw bytes longer than max_raw_bytes; checked before opening",
         "audio_too_long": "header duration (or decoded / trimmed duration) above max_duration_s",
+        "audio_too_large_samples": "frames x channels above max_samples (header, or while decoding)",
         "audio_too_short": "duration after silence trimming below min_duration_s",
         "audio_silent": "RMS of the trimmed clip below silence_dbfs",
     }

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import Field
 
-from stages.base import Cleaned, ModalityCleaner, Reject, StageParams
+from stages.base import BudgetedBytes, Cleaned, ModalityCleaner, Reject, StageParams
 from stages.media import IMAGE_FORMATS, encode_image, remember
 from stages.registry import register_stage
 
@@ -55,7 +55,7 @@ def identify_format(data: bytes) -> str | None:
 def open_image(data: bytes, p: ImageParams) -> Image.Image:
     """Open lazily and check the header (format, pixel count, sides) before any pixel is decoded."""
     try:
-        im = Image.open(io.BytesIO(data), formats=p.input_formats)
+        im = Image.open(BudgetedBytes(data), formats=p.input_formats)   # every read checks the deadline
     except Image.DecompressionBombError as exc:
         raise Reject("image_too_large_pixels", str(exc)) from None
     except UnidentifiedImageError:
