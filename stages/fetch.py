@@ -21,11 +21,13 @@ import ipaddress
 import socket
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urljoin, urlsplit
+from urllib.robotparser import RobotFileParser
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -47,10 +49,13 @@ FETCH_REASONS = {
     "url_blocked": "the host (or a redirect's) resolves to a loopback, private, link-local, shared, multicast, "
                    "reserved or unspecified address, not allowed by allow_private_networks / allow_hosts",
     "http_opt_out": "the answer's X-Robots-Tag opts out of AI use (a directive in opt_out_directives: noai, "
-                    "noimageai, noindex, noimageindex)",
+                    "noimageai, noindex, noimageindex), or, with robots_txt on, the site's robots.txt disallows the URL",
 }
+ROBOTS_MAX_BYTES = 512 * 1024   # RFC 9309: parse at least the first 500 KiB
+ROBOTS_HOSTS = 4096             # robots.txt answers kept per fetching process (least recently used go)
 REDIRECTS = (301, 302, 303, 307, 308)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+T = TypeVar("T")
 
 
 class HttpConfig(BaseModel):
@@ -72,6 +77,7 @@ class HttpConfig(BaseModel):
     per_host_rate: float = Field(0.0, ge=0)         # requests per second to one host at most; 0: no limit
     allow_private_networks: bool = False   # True: any address may be fetched (local testing)
     allow_hosts: list[str] = Field(default_factory=list)   # host names or CIDRs fetched wherever they resolve
+    robots_txt: bool = False   # True: honour each site's robots.txt for user_agent's product token (RFC 9309)
 
     @field_validator("allow_hosts")
     @classmethod
@@ -238,6 +244,8 @@ class Fetcher:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None   # kept across calls so connections are reused
         self._hosts: dict[str, tuple[threading.Semaphore, list[float]]] = {}   # host -> (slots, [next start])
+        self._robots: OrderedDict[str, RobotFileParser] = OrderedDict()   # origin -> its rules
+        self._robots_locks: dict[str, threading.Lock] = {}   # one robots.txt request per origin at a time
 
     # -- public API -------------------------------------------------------------------------
     def fetch(self, url: str, expect: str) -> FetchResult:
@@ -343,7 +351,16 @@ class Fetcher:
             yield
 
     def _attempt(self, url: str, expect: str) -> tuple[bytes, str, str]:
-        """One GET, following redirects by hand: every hop's host is resolved and checked."""
+        """One GET of a media file; its headers checked, then its body read within max_bytes."""
+        def answer(resp, final_url: str) -> tuple[bytes, str, str]:
+            self._check_headers(resp, expect)
+            return self._read_body(resp), _media_type(resp.headers.get("Content-Type")), final_url
+
+        return self._follow(url, answer, robots=self.http.robots_txt)
+
+    def _follow(self, url: str, answer: Callable[[Any, str], T], robots: bool) -> T:
+        """GET ``url``, following redirects by hand: every hop's host is resolved and checked (and,
+        with ``robots``, its site's robots.txt consulted); ``answer(response, url)`` reads the last."""
         import urllib3
 
         from urllib3.exceptions import (HTTPError, LocationParseError, NewConnectionError, ProtocolError,
@@ -353,6 +370,8 @@ class Fetcher:
         current = url
         for _ in range(self.http.max_redirects + 1):
             target = self.policy.target(current)
+            if robots:
+                self._check_robots(current, target)
             headers = {"Host": target.host_header, "User-Agent": self.http.user_agent, "Accept-Encoding": "gzip, deflate"}
             try:
                 with self._polite(target.host):
@@ -364,8 +383,7 @@ class Fetcher:
                             current = urljoin(current, resp.headers["Location"])
                             check_url(current)
                             continue
-                        self._check_headers(resp, expect)
-                        return self._read_body(resp), _media_type(resp.headers.get("Content-Type")), current
+                        return answer(resp, current)
                     finally:
                         resp.release_conn()
             except LocationParseError as exc:
@@ -382,6 +400,48 @@ class Fetcher:
                     raise _Transient(Reject("http_timeout", f"body stalled over {self.http.timeout_s}s: {url}")) from exc
                 raise _Transient(Reject("http_connection", f"{type(exc).__name__}: {url}")) from exc
         raise Reject("http_redirects", f"more than {self.http.max_redirects} redirects from {url}")
+
+    # -- robots.txt -------------------------------------------------------------------------
+    def _check_robots(self, url: str, target: Target) -> None:
+        rules = self._robots_for(f"{target.scheme}://{target.host_header}")
+        if not rules.can_fetch(self.http.user_agent, url):
+            raise Reject("http_opt_out", f"robots.txt of {target.host_header} disallows {target.path.split('?')[0]}")
+
+    def _robots_for(self, origin: str) -> RobotFileParser:
+        """The site's rules, asked for once per process (a few thousand sites kept). RFC 9309: a
+        4xx answer allows everything; a 5xx or no answer is a transient failure of this fetch (the
+        sample is retried, then rejected with that reason; never fetched without the rules)."""
+        with self._lock:
+            lock = self._robots_locks.setdefault(origin, threading.Lock())
+        with lock:
+            with self._lock:
+                if origin in self._robots:
+                    self._robots.move_to_end(origin)
+                    return self._robots[origin]
+            try:
+                rules = self._follow(f"{origin}/robots.txt", self._robots_answer, robots=False)
+            except BaseException:
+                with self._lock:   # asked again by the next sample; no lock kept per failing site
+                    self._robots_locks.pop(origin, None)
+                raise
+            with self._lock:
+                self._robots[origin] = rules
+                while len(self._robots) > ROBOTS_HOSTS:
+                    gone, _ = self._robots.popitem(last=False)
+                    self._robots_locks.pop(gone, None)
+        return rules
+
+    def _robots_answer(self, resp, final_url: str) -> RobotFileParser:
+        rules = RobotFileParser(final_url)
+        if _is_transient_status(resp.status):
+            raise _Transient(Reject("http_status", f"robots.txt: {resp.status} {resp.reason or ''}".strip()),
+                             retry_after(resp.headers.get("Retry-After")))
+        if resp.status >= 400:
+            rules.allow_all = True
+            return rules
+        text = resp.read(ROBOTS_MAX_BYTES, decode_content=True).decode("utf-8", errors="replace")
+        rules.parse(text.splitlines())
+        return rules
 
     def _check_headers(self, resp, expect: str) -> None:
         status = f"{resp.status} {resp.reason or ''}".strip()

@@ -220,3 +220,40 @@ def test_per_host_concurrency_and_rate(http_server):
         start = time.perf_counter()
         assert all(r.data == PNG for r in f.fetch_many([(fast, "image")] * 6))
         assert time.perf_counter() - start >= 5 / 20.0   # 6 starts, 1/20 s apart
+
+
+ROBOTS = HTTP.model_copy(update={"robots_txt": True})
+
+
+def robots(text: str) -> object:
+    return body(text.encode(), "text/plain")
+
+
+def test_robots_txt_is_honoured_when_turned_on(http_server):
+    http_server.add("/robots.txt", robots("User-agent: otherbot\nDisallow: /\n\n"
+                                          "User-agent: mmpipe\nDisallow: /private/\n"))
+    public = http_server.add("/public/a.png", body(PNG, "image/png"))
+    private = http_server.add("/private/b.png", body(PNG, "image/png"))
+    moved = http_server.add("/moved.png", redirect(private))
+    with Fetcher(ROBOTS) as f:
+        assert [r.data for r in f.fetch_many([(public, "image")] * 3)] == [PNG] * 3
+        for url in (private, moved):   # a redirect into a disallowed path is caught on its hop
+            r = reason_of(f, url)
+            assert r.reason == "http_opt_out" and "robots.txt of 127.0.0.1" in r.detail and "/private/b.png" in r.detail
+    assert http_server.hits("/private/b.png") == 0
+    assert http_server.hits("/robots.txt") == 1      # once per site and process
+    with Fetcher(HTTP) as f:                         # off by default: never asked for
+        assert f.fetch(private, "image").data == PNG
+    assert http_server.hits("/robots.txt") == 1
+
+
+def test_robots_txt_missing_allows_and_unreachable_retries_then_rejects(http_server):
+    url = http_server.add("/a.png", body(PNG, "image/png"))
+    with Fetcher(ROBOTS) as f:
+        assert f.fetch(url, "image").data == PNG     # 404 robots.txt: everything allowed
+    http_server.add("/robots.txt", status(503))
+    with Fetcher(ROBOTS) as f:
+        r = reason_of(f, url)
+    assert r.reason == "http_status" and "robots.txt: 503" in r.detail and "after 3 attempts" in r.detail
+    assert http_server.hits("/a.png") == 1           # never fetched without the site's rules
+    assert http_server.hits("/robots.txt") == 1 + 3    # the 404, then the 503 once per attempt
