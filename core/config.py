@@ -97,6 +97,8 @@ class ExecutionConfig(Strict):
     # Cleaning one sample (decoding and checking one image, clip or text) may take this long; past
     # it the sample is rejected with decode_timeout and the worker goes on with the next one.
     decode_timeout_s: float = Field(30.0, gt=0)
+    # A live line on a terminal during the processing pass (rows done, rows/s, rejects, time left).
+    progress_line: bool = True
 
 
 class RayConfig(Strict):
@@ -105,7 +107,7 @@ class RayConfig(Strict):
     num_gpus: int | None = None
     metrics_export_port: int | None = None
     dashboard: bool = True
-    progress_bars: bool = True
+    progress_bars: bool = False   # Ray Data's per-operator bars on a terminal (instead of mmpipe's line)
 
 
 class TrainingConfig(Strict):

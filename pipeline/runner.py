@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -23,6 +24,7 @@ from pipeline.execution import PlanRows, shards_in_actors
 from pipeline.incremental import Planner, StreamedPlan
 from pipeline.spill import Spill
 from pipeline.orchestration import Pipeline, timed
+from pipeline.progress import Progress
 from pipeline.sinks import SHARD_WRITING, RunSink, SinkResult
 from pipeline.sources import iter_source, source_size
 from stages.base import MODALITIES, StageStats
@@ -159,13 +161,16 @@ def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = Fal
         sink = RunSink(store, run_id, pipe.fps, staging, cfg.execution.shard_max_count, rejects=plan.rejects)
         sink.add_stats(pipe.scan_stats)
         pass_start = time.time()
+        progress = Progress(plan.to_process, enabled=progress_line(cfg))
         with timed(phases, "process", peaks):
             batches = pipe.process(PlanRows(spill=plan.rows),
                                    lambda local: _actor_shards(cfg, store, run_id, pipe.info, local), log,
                                    removed=plan.removed_set() if plan.removed else frozenset())
             for batch in batches:
                 sink.add(batch)
+                progress.add(batch)
                 _fault_point("during_stages")
+            progress.close()
             result = sink.close()
         marks = {"started": started, "pass_start": pass_start, "pass_end": time.time()}
         stopping = pipe.release_ray() if release_ray else None
@@ -182,6 +187,12 @@ def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = Fal
         stopping.join()
         record["profile"]["ray_shutdown_wait_s"] = round(time.perf_counter() - wait, 3)
     return RunResult(run_id, record, store)
+
+
+def progress_line(cfg: Config) -> bool:
+    """The live line on a terminal, unless turned off or Ray Data's own bars are on (they would
+    draw over each other)."""
+    return cfg.execution.progress_line and not cfg.ray.progress_bars and sys.stderr.isatty()
 
 
 def _profile(marks: dict[str, float], result: SinkResult, pipe: Pipeline) -> dict:

@@ -215,6 +215,7 @@ def test_cli_run_profile_starts_ray_in_the_background_and_leaves_nothing_running
     while (left := {p: c for p, c in _ray_processes().items() if p not in before}) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, left   # an agent orphaned by a raylet that was killed, not shut down, lives on
+    assert "processing:" not in res.stderr   # the live progress line stays off a log (stderr is a pipe)
     out = res.stdout
     for line in ("profile (wall seconds):", "waiting for Ray to start", "pass start-up", "rows (first row in",
                  "commit", "Ray shutdown (after the commit)", "stage CPU seconds:", "(shard writing)", "cleanup.image"):

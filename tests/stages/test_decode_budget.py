@@ -4,8 +4,6 @@ decoding (pixels, samples) so a small file cannot balloon into gigabytes."""
 from __future__ import annotations
 
 import io
-import json
-import itertools
 
 import numpy as np
 import pytest
