@@ -48,6 +48,7 @@ test-all: install
 	$(VENV)/bin/pytest -q -m ""
 
 bench: install
+	@$(PIP) install -q -c constraints.txt -e '.[test,bench]' $(QUIET)
 	$(PY) benchmarks/run_all.py
 
 # Issue #27: 100k and 1M rows as fresh mmpipe processes (long; not part of test or bench).

@@ -139,6 +139,25 @@ class TrainingConfig(Strict):
     features_version: int | None = Field(None, ge=0)   # Delta time travel on the features table
 
 
+class AlignConfig(Strict):
+    """``mmpipe align``: projection heads into one shared space (engine, workers and resources are
+    ``training``'s)."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["image", "text", "audio"])
+    name: str | None = None
+    dim: int = Field(128, ge=2)            # the shared space
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(0.07, gt=0)  # initial; learnt, as in CLIP
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=2)      # in-batch negatives: larger batches, harder task
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(8, ge=1)
+    seed: int = 0
+    eval_rows: int = Field(5000, ge=2)      # test rows retrieval is measured over (all pairs of them)
+
+
 class Config(Strict):
     name: str = "mmpipe"
     seed: int = 0
@@ -152,6 +171,7 @@ class Config(Strict):
     # (resolved and validated by ``pipeline.plan.resolve_stages`` before any row moves).
     stages: dict[str, Any] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
 
     @field_validator("stages")
     @classmethod

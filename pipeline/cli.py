@@ -290,7 +290,7 @@ def _default_config(name: str) -> Path:
 
 
 # Commands that live beside the code they drive: each module has ``register(app, config_loader)``.
-COMMAND_MODULES = ("pipeline.jobs", "pipeline.serve", "pipeline.export")
+COMMAND_MODULES = ("pipeline.jobs", "pipeline.serve", "pipeline.export", "pipeline.search")
 
 
 def _register_commands() -> None:

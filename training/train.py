@@ -289,6 +289,19 @@ def check_request(store: str, fusion: str, modalities: list[str], version: int |
     return modalities
 
 
+def prepare_run(store: str, name: str) -> tuple[Path, str]:
+    """``models/<name>/`` and its Ray Train folder: a run that finished (its metrics.json is
+    there) starts afresh; an unfinished one resumes from its last checkpoint."""
+    model_dir = Path(store) / "models" / name
+    run_dir = f"{_ray_storage(store)}/{name}"
+    if (model_dir / "metrics.json").exists():
+        if "://" not in run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        (model_dir / "metrics.json").unlink()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir, run_dir
+
+
 def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: list[str] | None = None,
           name: str | None = None) -> TrainResult:
     """Train one fusion model on ``<store>/features`` and write ``<store>/models/<name>/``."""
@@ -299,13 +312,7 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
     summary = summarize(open_snapshot(store, tc.features_version), modalities, use_augmented=tc.use_augmented)
     spec = model_spec(summary, tc, fusion)
     spec.build()   # fail on a bad fusion name / extra before any worker starts
-    model_dir = Path(store) / "models" / name
-    run_dir = f"{_ray_storage(store)}/{name}"
-    if (model_dir / "metrics.json").exists():   # that run finished: start afresh, do not resume it
-        if "://" not in run_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        (model_dir / "metrics.json").unlink()
-    model_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, run_dir = prepare_run(store, name)
     outcome = ENGINES[tc.engine](summary, tc, spec, run_dir)
     save_model(model_dir, spec, outcome, summary.version)
     metrics = evaluate_and_write(model_dir, spec, outcome, summary, tc,

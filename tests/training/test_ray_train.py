@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import make_features, no_table_in_driver, small_config, write_store
+from tests.training.test_align import align_config, paired_features
+from training.align import PairRows, align
 from training.data import read_features
 from training.predict import load_model, predict_table
 from training.stream import READ_ROWS, SplitRows
@@ -89,3 +91,17 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch)
     epochs = [h["epoch"] for h in result.metrics["history"]]
     assert result.metrics["resumed_at"] and result.metrics["resumed_at"][0] > 0, (result.metrics["resumed_at"], epochs)
     assert epochs == [0, 1, 2, 3], (result.metrics["resumed_at"], epochs)
+
+
+def test_align_on_the_ray_engine(tmp_path, ray_local, monkeypatch):
+    """``mmpipe align`` on Ray Train (the same engine as here): two DDP workers, the pairs streamed to them from the snapshot (never loaded by the driver),
+    one checkpoint per epoch in the store's Ray Train folder (what a relaunch resumes from)."""
+    store = write_store(tmp_path, paired_features(400))
+    monkeypatch.setattr(PairRows, "load", lambda *a: pytest.fail("the Ray engine loaded a split into the driver"))
+    cfg = align_config(epochs=3, batch_size=16)
+    cfg.training.engine = "ray"
+    result = align(cfg, store, modalities=["image", "text"], name="ddp")
+    m = result.metrics
+    assert m["engine"] == "ray" and len(m["history"]) == 3 and set(m["retrieval"]) >= {"image->text", "text->image"}
+    assert m["retrieval"]["image->text"]["label_precision@1"] > 0.5   # three epochs: well above chance (0.25)
+    assert list((tmp_path / "models" / "_ray" / "ddp").glob("checkpoint_*"))
