@@ -6,7 +6,7 @@ through the same cleanup and feature stages the store was built with (``pipeline
 featurizer, refusing when their fingerprints differ from those the alignment model was trained
 on), then through the alignment heads; a record with several modalities is the normalised mean of
 their aligned vectors. The store's index of the target modality is brought up to date first
-(``pipeline.index``), so results always reflect the latest features version.
+(``training.index``), so results always reflect the latest features version.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def query_vectors(table, model, modalities: list[str]) -> np.ndarray:
 def search_records(cfg: Config, store: str, model_dir: Path, modality: str, k: int) -> list[dict]:
     """Every record of ``cfg.source`` as a query: ``{"id", "results": [{"id", "score", "label"}]}``,
     or ``{"id", "results": [], "reason", "detail"}`` for a record the stages rejected."""
-    from pipeline.index import VectorIndex
+    from training.index import VectorIndex
     from pipeline.predict import featurize
     from training.align import load_aligner
 

@@ -16,7 +16,9 @@ ALLOWED = {
     "pipeline": {"pipeline", "core", "stages"},
     "training": {"training", "core", "stages"},
 }
-CLI = "pipeline/cli.py"   # the one module that knows both pipeline/ and training/
+# The CLI: the one place that knows both pipeline/ and training/ (its commands that join a
+# pipeline's stages to a trained model live beside it, registered into its app).
+CLI = ("pipeline/cli.py", "pipeline/search.py")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -35,7 +37,7 @@ def test_a_package_imports_only_the_layers_below_it(package):
     wrong = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         rel = str(path.relative_to(ROOT))
-        allowed = ALLOWED[package] | ({"training"} if rel == CLI else set())
+        allowed = ALLOWED[package] | ({"training"} if rel in CLI else set())
         extra = imported_packages(path) - allowed
         if extra:
             wrong[rel] = sorted(extra)

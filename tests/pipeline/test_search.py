@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.demo import SR, _audio, make_demo
-from pipeline.index import VectorIndex
+from training.index import VectorIndex
 from pipeline.runner import run
 from tests.pipeline.helpers import config
 from training.align import align
