@@ -1,9 +1,9 @@
 """A vector index over the store, kept in step with its features table.
 
 One index per (alignment model, modality) under ``<store>/index/<model>/``: ``<modality>.hnsw``
-(hnswlib's HNSW graph, cosine; chosen by ``benchmarks/bench_index.py`` at 100k vectors: it
-queried 1.7x faster than usearch and FAISS's HNSW at the same recall and built as fast or faster,
-and unlike FAISS's HNSW it removes vectors (marked deleted, their slots reused by later adds)),
+(hnswlib's HNSW graph, cosine; chosen by ``benchmarks/bench_index.py`` at 100k vectors: at the
+same recall it queried 1.4-1.8x faster than usearch and about as fast as FAISS's HNSW, and unlike
+FAISS's HNSW it removes vectors (marked deleted, their slots reused by later adds)),
 ``<modality>.ids.parquet``
 (key, id, label, sorted by key, so a result's id is read through the file's statistics) and
 ``<modality>.json`` (the features version and model it reflects). Keys are 64-bit hashes of the
