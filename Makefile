@@ -21,12 +21,19 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory sysdeps
 	@touch $(STAMP)
 
-# Optional system data: WordNet for the text augmentation's synonym op (the other ops run without it).
+# System packages, where apt-get and root are at hand: WordNet for the text augmentation's synonym
+# op (the other ops run without it); FFmpeg's shared libraries for torchcodec, which Hugging Face
+# datasets decodes audio with (the interop tests open the store's shards and exports with it).
 sysdeps:
 	@if [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  echo "installing Debian wordnet-base (WordNet for synonym augmentation)"; \
 	  (apt-get install -y -q wordnet-base >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1)) \
 	  || echo "warning: wordnet-base not installed; synonym augmentation will report itself skipped"; \
+	fi
+	@if ! ldconfig -p 2>/dev/null | grep -q libavcodec && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian FFmpeg libraries (torchcodec, for Hugging Face datasets' Audio)"; \
+	  (apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1)) \
+	  || echo "warning: FFmpeg not installed; Hugging Face datasets cannot decode the store's audio"; \
 	fi
 
 demo: install

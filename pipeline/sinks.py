@@ -13,7 +13,7 @@ import json
 import re
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from stages.base import MODALITIES, STATS_COLUMN, Batch, StageStats, decode_stat
 from stages.media import image_format
 
 ROW_GROUP_ROWS = 4096   # staged feature rows per Parquet row group
+HEAD_SAMPLES = 256      # the first samples of each shard, held and written richest first (ShardSink)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -37,22 +38,41 @@ def sample_key(rid: str, aug: int) -> str:
     return key if aug == 0 else f"{key}_aug{aug}"
 
 
+# How each modality's value is stored in a shard: the member's extension, given the value.
+MEMBER_EXT: dict[str, Callable[[bytes | str], str]] = {
+    "image": image_format,          # jpg or png, as encoded
+    "text": lambda _: "txt",
+    "audio": lambda _: "flac",
+    "video": lambda _: "mp4",
+}
+
+
 def sample_record(batch: Batch, i: int, run_id: str) -> dict:
-    """Row ``i`` as a WebDataset sample: key, cleaned media and the ``.json`` metadata."""
+    """Row ``i`` as a WebDataset sample: key, cleaned media and the ``.json`` metadata.
+
+    Every sample carries ``.json`` and ``.txt`` (empty when the row has no text); an image or an
+    audio clip is a member only where the row has one, so no decoder ever meets an empty image.
+    The ``.json`` has the same keys and types in every sample (the lineage dicts that vary from
+    row to row are JSON text, as in the features table), so that Hugging Face ``datasets`` can
+    infer one schema for all of them."""
     rid, aug = str(batch["id"][i]), int(batch["aug"][i])
-    meta = {"id": rid, "label": batch["label"][i], "split": batch["split"][i], "aug": aug,
-            "sha": {m: batch[f"sha_{m}"][i] for m in (*MODALITIES, "sample")},
-            "aug_params": json.loads(batch["aug_params"][i] or "{}"),
-            "dropped": json.loads(batch["dropped"][i] or "{}"),
-            "meta": json.loads(batch["meta"][i] or "{}"), "run_id": run_id}
-    sample = {"__key__": sample_key(rid, aug), "json": json.dumps(meta, sort_keys=True).encode()}
-    if batch["image"][i] is not None:
-        sample[image_format(batch["image"][i])] = batch["image"][i]
-    if batch["text"][i] is not None:
-        sample["txt"] = batch["text"][i]
-    if batch["audio"][i] is not None:
-        sample["flac"] = batch["audio"][i]
+    meta = {"id": rid, "label": str(batch["label"][i] or ""), "split": str(batch["split"][i] or ""), "aug": aug,
+            "sha": {m: str(batch[f"sha_{m}"][i] or "") for m in (*MODALITIES, "sample")},
+            **{f"has_{m}": batch[m][i] is not None for m in MODALITIES},
+            "aug_params": batch["aug_params"][i] or "{}", "dropped": batch["dropped"][i] or "{}",
+            "meta": batch["meta"][i] or "{}", "run_id": run_id}
+    sample = {"__key__": sample_key(rid, aug), "json": json.dumps(meta, sort_keys=True).encode(), "txt": b""}
+    for m in MODALITIES:
+        value = batch[m][i]
+        if value is not None:
+            sample[MEMBER_EXT[m](value)] = value
     return sample
+
+
+def richness(sample: dict) -> tuple[int, tuple[str, ...]]:
+    """Sort key that puts samples with the most members first, equal member sets together."""
+    members = tuple(sorted(k for k in sample if not k.startswith("_")))
+    return (-len(members), members)
 
 
 class TarSampleWriter:
@@ -86,13 +106,17 @@ class TarSampleWriter:
 
 class ShardSink:
     """Writes samples to ``samples/<run_id>/<prefix>-NNNNNN.tar`` through the store's filesystem,
-    a new shard every ``max_count`` samples."""
+    a new shard every ``max_count`` samples. The first HEAD_SAMPLES samples of a shard are held
+    and written those with the most members first: Hugging Face's WebDataset loader takes its
+    columns from the first five samples of a shard and refuses the shard when their members
+    differ, while any later sample may lack a member (read as null)."""
 
     def __init__(self, store: Store, run_id: str, max_count: int, prefix: str = "shard", create_dir: bool = True):
         self.store, self.run_id, self.max_count, self.prefix = store, run_id, max_count, prefix
         self.create_dir = create_dir
         self.shard_index, self.count, self.total = -1, 0, 0
         self._writer: TarSampleWriter | None = None
+        self._head: list[dict] | None = None
         self.current = ""
         self.mtime = int(time.time())
 
@@ -104,18 +128,30 @@ class ShardSink:
         if self.create_dir:
             self.store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self._writer = TarSampleWriter(self.store.fs.open_output_stream(path), self.mtime)
+        self._head = []
         self.count = 0
 
     def write(self, sample: dict) -> str:
         if self._writer is None or self.count >= self.max_count:
             self._open_next()
-        self._writer.write(sample)
+        if self._head is None:
+            self._writer.write(sample)
+        else:
+            self._head.append(sample)
+            if len(self._head) >= HEAD_SAMPLES:
+                self._write_head()
         self.count += 1
         self.total += 1
         return self.current
 
+    def _write_head(self) -> None:
+        for sample in sorted(self._head or (), key=richness):   # stable: equal sets keep their order
+            self._writer.write(sample)
+        self._head = None
+
     def close(self) -> None:
         if self._writer is not None:
+            self._write_head()
             self._writer.close()     # closes the stream too
             self._writer = None
 

@@ -232,6 +232,8 @@ def read_webdataset(pattern: str) -> list[SourceRecord]:
                         continue
                     rec = SourceRecord(row=len(records), id=Path(key).name, base=base)
                     for ext, m in files.items():
+                        if m.size == 0:   # an empty member is an absent value (mmpipe's own .txt without a text)
+                            continue
                         ref = f"{Path(shard).resolve()}#{m.name}"
                         if "." + ext in IMAGE_EXTS:
                             rec.image = ref

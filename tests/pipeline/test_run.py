@@ -244,4 +244,4 @@ def test_a_manifests_other_columns_travel_with_the_sample(tmp_path, ray_session)
         source = json.loads(row["meta"])["source"]
         assert source == {"url": f"https://example.com/{k}.jpg", "caption_source": "alt", "width": 96 + k, "tags": ["a", "b"]}
         members = dict(shard_members(store / Path(row["shard"]).parent)[Path(row["shard"]).name])
-        assert json.loads(members[f"{row['id']}.json"])["meta"]["source"] == source
+        assert json.loads(json.loads(members[f"{row['id']}.json"])["meta"])["source"] == source   # meta: JSON text
