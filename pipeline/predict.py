@@ -1,12 +1,13 @@
-"""``mmpipe predict``'s pipeline half: raw records through the same cleanup and feature stages a model
-was trained on (refusing if their fingerprints differ). The CLI hands the features to the model.
-Writes nothing to the store."""
+"""``mmpipe predict``'s pipeline half, which ``mmpipe serve`` shares: raw records through the same
+cleanup and feature stages a model was trained on (refusing if their fingerprints differ). The
+caller hands the features to the model. Writes nothing to the store."""
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -16,11 +17,19 @@ import pyarrow.parquet as pq
 from core.config import Config, ConfigError
 from core.schema import normalize_batch, reject_record
 from pipeline.orchestration import Pipeline
-from pipeline.plan import Lineage
+from pipeline.plan import Lineage, Plan
 from pipeline.runner import new_run_id
 from pipeline.sinks import BatchRow
-from pipeline.sources import read_source
-from stages.base import MODALITIES
+from pipeline.sources import SourceRecord, read_source
+from stages.base import MODALITIES, StageContext, object_column
+
+
+def read_model_metrics(model_dir: Path) -> dict:
+    """A trained model's ``metrics.json`` (its classes, stage fingerprints, ...)."""
+    path = Path(model_dir) / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"no trained model at {model_dir} (metrics.json missing)")
+    return json.loads(path.read_text())
 
 
 def check_fingerprints(model_fps: dict[str, str], specs, modalities: list[str]) -> None:
@@ -45,24 +54,83 @@ class Featurized:
     n_records: int
 
 
+@dataclass
+class InferencePipeline(Pipeline):
+    """The run's pipeline with its own folder for fetched http(s) bodies (serving points it at a
+    per-batch temporary folder; a run keeps them in the store's cache)."""
+
+    cache_dir: str = ""
+
+    @property
+    def context(self) -> StageContext:
+        context = super().context
+        return context.model_copy(update={"cache_dir": self.cache_dir}) if self.cache_dir else context
+
+
+class Featurizer:
+    """The inference stages of one config (no dedup, augmentation or commit), resolved once and
+    checked against the fingerprints a model was trained with: ``predict`` runs it once over the
+    source, serving once per batch. ``resident``: the stages stay loaded in this process across
+    calls (a serving replica), instead of the pass choosing between this process and Ray Data.
+    One call at a time."""
+
+    def __init__(self, cfg: Config, model_fps: dict[str, str], modalities: list[str],
+                 connect: bool = True, resident: bool = False):
+        self.pipe = InferencePipeline.build(cfg, new_run_id(), include=lambda stage: stage.inference, connect=connect)
+        check_fingerprints(model_fps, self.pipe.specs, modalities)
+        self._chain = None
+        if resident:
+            from pipeline.execution import StageChain
+
+            self._chain = StageChain([s.to_actor for s in self.pipe.specs], self.pipe.context.model_dump(),
+                                     cfg.execution.batch_size)
+
+    def __call__(self, records: list[SourceRecord], cache_dir: str = "") -> Featurized:
+        """Features of ``records``; ``cache_dir``: where fetched http(s) bodies go for this call."""
+        pipe = self.pipe
+        pipe.cache_dir = cache_dir
+        parts = []
+        with pipe:
+            scanned, _ = pipe.scan_records(records)
+            plan = pipe.plan(scanned, Lineage(), dedup=False)
+            rejects = [_reject(r) for r in plan.rejects]
+            for batch in self._process(plan):
+                batch = normalize_batch(batch)
+                ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
+                rejects += [_reject(BatchRow(batch, i)) for i in np.flatnonzero(~ok)]
+                if ok.any():
+                    parts.append(_features(batch, ok))
+        return Featurized(pa.concat_tables(parts) if parts else None, rejects, len(records))
+
+    def _process(self, plan: Plan) -> Iterable[dict]:
+        if self._chain is None or not plan.rows:
+            return self.pipe.process(plan)
+        self.pipe.open_stages(self.pipe.specs, local=True, incoming=len(plan.rows))
+        return _run_resident(self._chain, plan.rows, self.pipe.cfg.execution.batch_size)
+
+
 def featurize(cfg: Config, model_fps: dict[str, str], modalities: list[str]) -> Featurized:
     """``cfg.source`` through the same cleanup and feature stages a model was trained with (a run
     without dedup, augmentation or commit), refusing when their fingerprints differ."""
-    pipe = Pipeline.build(cfg, new_run_id(), include=lambda stage: stage.inference)
-    check_fingerprints(model_fps, pipe.specs, modalities)
-    records = read_source(cfg.source)
-    rejects, parts = [], []
-    with pipe:
-        scanned, _ = pipe.scan_records(records)
-        plan = pipe.plan(scanned, Lineage(), dedup=False)
-        rejects = [_reject(r) for r in plan.rejects]
-        for batch in pipe.process(plan):
-            batch = normalize_batch(batch)
-            ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
-            rejects += [_reject(BatchRow(batch, i)) for i in np.flatnonzero(~ok)]
-            if ok.any():
-                parts.append(_features(batch, ok))
-    return Featurized(pa.concat_tables(parts) if parts else None, rejects, len(records))
+    featurizer = Featurizer(cfg, model_fps, modalities)
+    return featurizer(read_source(cfg.source))
+
+
+def _run_resident(chain, rows: list[dict], batch_size: int) -> Iterator[dict]:
+    """``execution.run_local`` through a chain kept across calls: the same pieces, the same one
+    BLAS / OpenCV thread (so the features equal ``predict``'s bit for bit)."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with threadpool_limits(limits=1):
+            for k in range(0, len(rows), batch_size):
+                part = rows[k:k + batch_size]
+                yield from chain({key: object_column([r.get(key) for r in part]) for key in part[0]})
+    finally:
+        cv2.setNumThreads(cv_threads)
 
 
 def _reject(row) -> dict:
