@@ -46,7 +46,7 @@ test-slow: install
 	$(VENV)/bin/pytest -q -m slow
 
 test-cluster: install
-	$(VENV)/bin/pytest -q -m cluster tests/cluster
+	$(VENV)/bin/pytest -q -m cluster tests/cluster tests/pipeline/test_serve.py
 
 test-gpu: install
 	$(VENV)/bin/pytest -q -m gpu

@@ -47,16 +47,17 @@ def labels_of(line: dict) -> list[str]:
 
 def test_a_text_and_a_sound_find_images_of_their_class(aligned, tmp_path):
     folder, _, store, model = aligned
-    clip = tmp_path / "ocean.wav"
-    clip.write_bytes(_audio("ocean", np.random.default_rng(7)))
-    for query, want in ((["--text", "waves and a coral reef by the shore, surf and tide"], "ocean"),
-                        (["--audio", str(clip)], "ocean")):
-        res = mmpipe("search", str(folder / "config.yaml"), "--store", str(store), "--model", str(model),
-                     "--modality", "image", *query, "--k", "10", "--json")
-        assert res.returncode == 0, res.stderr[-2000:]
-        (line,) = [json.loads(s) for s in res.stdout.splitlines()]
-        assert line["id"] == "query" and len(line["results"]) == 10
-        assert labels_of(line).count(want) >= 8, line     # chance: 2.5 of 10
+    (tmp_path / "ocean.wav").write_bytes(_audio("ocean", np.random.default_rng(7)))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"id": "reef", "text": "waves and a coral reef by the shore, surf and tide"}) + "\n" +
+                       json.dumps({"id": "sound", "audio": "ocean.wav"}) + "\n")
+    res = mmpipe("search", str(folder / "config.yaml"), "--store", str(store), "--model", str(model),
+                 "--modality", "image", "--queries", str(queries), "--k", "10", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = {q["id"]: q for q in map(json.loads, res.stdout.splitlines())}
+    assert set(lines) == {"reef", "sound"}
+    for line in lines.values():
+        assert len(line["results"]) == 10 and labels_of(line).count("ocean") >= 8, line   # chance: 2.5 of 10
         scores = [r["score"] for r in line["results"]]
         assert scores == sorted(scores, reverse=True)
 

@@ -82,6 +82,7 @@ def test_a_large_train_split_is_shuffled_by_block_order_and_a_buffer(ray_local, 
     assert len(result.metrics["history"]) == 3 and result.metrics["accuracy"] > 0.4
 
 
+@pytest.mark.slow   # ~50 s (a worker's death is noticed by polling); CI runs it through make test-slow
 def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
     store = write_store(tmp_path / "store", make_features(n=160, seed=3))
     marker = tmp_path / "crashed"
@@ -98,10 +99,10 @@ def test_align_on_the_ray_engine(tmp_path, ray_local, monkeypatch):
     one checkpoint per epoch in the store's Ray Train folder (what a relaunch resumes from)."""
     store = write_store(tmp_path, paired_features(400))
     monkeypatch.setattr(PairRows, "load", lambda *a: pytest.fail("the Ray engine loaded a split into the driver"))
-    cfg = align_config(epochs=3, batch_size=16)
+    cfg = align_config(epochs=2, batch_size=16)
     cfg.training.engine = "ray"
     result = align(cfg, store, modalities=["image", "text"], name="ddp")
     m = result.metrics
-    assert m["engine"] == "ray" and len(m["history"]) == 3 and set(m["retrieval"]) >= {"image->text", "text->image"}
-    assert m["retrieval"]["image->text"]["label_precision@1"] > 0.5   # three epochs: well above chance (0.25)
+    assert m["engine"] == "ray" and len(m["history"]) == 2 and set(m["retrieval"]) >= {"image->text", "text->image"}
+    assert m["retrieval"]["image->text"]["label_precision@1"] > 0.5   # two epochs: well above chance (0.25)
     assert list((tmp_path / "models" / "_ray" / "ddp").glob("checkpoint_*"))
