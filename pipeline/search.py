@@ -127,8 +127,10 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
         typer.echo(f"model: {result.model_dir}")
         for pair, p in pairs.items():
             if "recall@1" in p:
+                label = f"  same label first {p['label_precision@1']:.2f} (chance {p['label_chance@1']:.2f})" \
+                    if "label_precision@1" in p else ""
                 typer.echo(f"  {pair:<14} recall@1 {p['recall@1']:.3f}  @5 {p['recall@5']:.3f}  "
-                           f"@10 {p['recall@10']:.3f}  median rank {p['median_rank']:.0f} of {p['candidates']}")
+                           f"@10 {p['recall@10']:.3f}  median rank {p['median_rank']:.0f} of {p['candidates']}{label}")
 
     @app.command("search")
     def search_cmd(config: Path = typer.Argument(..., help="YAML config (the stages the store was built with)"),
