@@ -5,13 +5,31 @@ Stage entries are validated by each stage's own ``Params`` model when the plan i
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.base import redact_urls
 from stages.fetch import HttpConfig
+
+
+# a key naming a secret: one of these words as a whole ``_``-separated part (not ``tokenizer``)
+SECRET_KEYS = re.compile(r"(^|_)(secret|password|passwd|token|credentials?|api_?key|access_?key)(_|$)", re.IGNORECASE)
+
+
+def redacted(value: Any) -> Any:
+    """A config dump safe to store and show: credentials written into URLs (``user:pass@``) and
+    the values of keys that name a secret (``*_token``, ``password``, ``aws_secret_access_key``,
+    ...) replaced. mmpipe reads credentials from the environment only; this is for what users
+    write into paths and stage parameters anyway."""
+    if isinstance(value, dict):
+        return {k: "***" if SECRET_KEYS.search(str(k)) and v not in (None, "") else redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return redact_urls(value) if isinstance(value, str) else value
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.config import Config
+from core.config import Config, redacted
 from core.schema import FEATURES_SCHEMA
 from core.store import Store, row_keys
 from pipeline.execution import PlanRows, shards_in_actors
@@ -244,5 +244,5 @@ def _record(cfg: Config, store: Store, run_id: str, plan: StreamedPlan, result: 
         "plan_buckets": plan.buckets,
         "execution": "driver" if pipe.local else "ray-data",
         "shard_writer": "driver" if pipe.local or not shards_in_actors(cfg, store.is_local, pipe.info["remote"]) else "actors",
-        "config": cfg.model_dump(mode="json"),
+        "config": redacted(cfg.model_dump(mode="json")),   # credentials never reach a run record
     }

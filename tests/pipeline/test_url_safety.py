@@ -109,3 +109,28 @@ def test_a_reject_record_never_stores_credentials_from_a_reference():
                          "image_ref": "https://bob:hunter2@cdn.example.com/a.jpg"}, "run")
     assert "hunter2" not in rec["detail"] + rec["ref"] and "bob" not in rec["ref"]
     assert "https://***@cdn.example.com/a.jpg" in rec["ref"]
+
+
+def test_run_records_never_hold_credentials(tmp_path):
+    """The resolved config in a run record: user:password@ in any URL and the values of keys that
+    name a secret are replaced (keys such as ``tokenizer`` are not secrets)."""
+    from core.config import redacted
+    from pipeline.demo import make_demo
+    from pipeline.runner import run
+    from tests.pipeline.helpers import config
+
+    dump = {"store": "s3://AKIAX:s3cr3t@bucket/prefix", "ray": {"address": "http://admin:hunter2@head:8265"},
+            "stages": {"features": {"text": {"params": {"api_key": "sk-123", "hf_token": "hf_abc", "tokenizer": "bert",
+                                                        "max_tokens": 8, "password": None}}}},
+            "list": ["https://u:p@example.com/a.jpg", 3]}
+    assert redacted(dump) == {
+        "store": "s3://***@bucket/prefix", "ray": {"address": "http://***@head:8265"},
+        "stages": {"features": {"text": {"params": {"api_key": "***", "hf_token": "***", "tokenizer": "bert",
+                                                    "max_tokens": 8, "password": None}}}},
+        "list": ["https://***@example.com/a.jpg", 3]}
+    manifest = make_demo(tmp_path / "data", n=4)
+    cfg = config(tmp_path, manifest, tmp_path / "store", {
+        "execution": {"local_max_rows": 100}, "source": {"http": {"user_agent": "bot (+https://me:pw@example.com)"}}})
+    record = run(cfg, log=lambda s: None).record
+    text = next((tmp_path / "store" / "runs").glob("*.json")).read_text()
+    assert "me:pw" not in text and record["config"]["source"]["http"]["user_agent"] == "bot (+https://***@example.com)"
