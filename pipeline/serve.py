@@ -54,6 +54,22 @@ def check_model(cfg: Config, model_dir: Path) -> dict:
     return info
 
 
+def check_aligner(cfg: Config, align_dir: Path) -> tuple[str, ...]:
+    """Refuse an alignment model that is missing or was trained on stages configured otherwise, and
+    bring the store's index of each modality it maps up to date (the replicas only load them).
+    Returns those modalities."""
+    from pipeline.predict import Featurizer
+    from training.align import load_aligner
+    from training.index import VectorIndex
+
+    model, saved = load_aligner(align_dir)
+    modalities = tuple(model.spec.modalities)
+    Featurizer(cfg, saved.get("stage_fingerprints") or {}, list(modalities), connect=False)
+    for m in modalities:
+        VectorIndex(cfg.store, m, align_dir).sync()
+    return modalities
+
+
 def check_port(host: str, port: int) -> None:
     """A clear error now rather than a proxy that cannot bind later (Ray started here only)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -99,7 +115,8 @@ def serve_forever(cfg: Config, model_dir: Path, options, log: Callable[[str], No
     # Installed after Ray's start: ray.init installs its own SIGTERM handler, which dies loudly.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        log(f"serving {model_dir} on {service.url} (POST /predict, GET /healthz, GET /metadata); "
+        search = ", POST /search" if options.align_model else ""
+        log(f"serving {model_dir} on {service.url} (POST /predict{search}, GET /healthz, GET /metadata); "
             f"Ray at {service.ray_address}; Ctrl-C stops")
         while not stop.wait(0.5):
             pass
@@ -138,20 +155,26 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
                   quantize: str = typer.Option("none", "--quantize", help="none | int8 (dynamic, CPU replicas)"),
                   replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="CPUs per model replica"),
                   replica_gpus: float = typer.Option(0.0, "--replica-gpus", help="GPUs per model replica"),
+                  align: Optional[Path] = typer.Option(None, "--align", help="models/<name>/ of `mmpipe align`: "
+                                                                              "also POST /search over --store's index"),
+                  store: Optional[str] = typer.Option(None, "--store", help="The store searched (with --align)"),
                   set_: list[str] = typer.Option([], "--set", help="dotted.key=value (repeatable)")) -> None:
         """Serve a trained model over HTTP with Ray Serve: POST /predict, GET /healthz, GET /metadata."""
         from pydantic import ValidationError
 
         from pipeline.serve_app import ServeOptions
 
-        cfg = config_loader(config, set_, ray__address=address)
+        cfg = config_loader(config, set_, ray__address=address, store=store)
+        search_modalities = check_aligner(cfg, align) if align is not None else ()
         try:
             options = ServeOptions(host=host, port=port, replicas=replicas, min_replicas=min_replicas,
                                    max_replicas=max_replicas, target_ongoing_requests=target_ongoing,
                                    max_batch_size=max_batch_size, batch_wait_s=batch_wait_ms / 1000,
                                    request_timeout_s=timeout_s, max_records=max_records,
                                    max_body_bytes=int(max_body_mb * 1024 * 1024), quantize=quantize,
-                                   replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+                                   replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+                                   align_model=str(align.resolve()) if align is not None else None,
+                                   search_modalities=search_modalities)
         except ValidationError as exc:
             e = exc.errors()[0]
             field = str(e["loc"][0])

@@ -51,6 +51,8 @@ class ServeOptions(BaseModel):
     quantize: Literal["none", "int8"] = "none"
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
+    align_model: str | None = None   # models/<name>/ of `mmpipe align`: POST /search over the store's index
+    search_modalities: tuple[str, ...] = ()   # what that model maps (the modalities /search finds)
 
     def problems(self) -> list[str]:
         """Combinations the fields alone do not rule out."""
@@ -69,7 +71,7 @@ class ServeOptions(BaseModel):
 
 # -- metrics --------------------------------------------------------------------------------
 # Exported like the pipeline's (pipeline/metrics.py): ``ray_`` prefix, ``_total`` on counters.
-REQUEST_ROUTES = ("/predict", "/healthz", "/metadata")
+REQUEST_ROUTES = ("/predict", "/search", "/healthz", "/metadata")
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 SERVE_METRICS: dict[str, MetricSpec] = {
     "mmpipe_serve_requests": MetricSpec(Counter, "HTTP requests answered by the ingress, by route and status code.",
@@ -117,6 +119,13 @@ class PredictRequest(BaseModel):
     records: list[RecordIn] = Field(min_length=1)
 
 
+class SearchRequest(PredictRequest):
+    """``POST /search``: the query records, the modality to find, how many results per query."""
+
+    modality: Literal["image", "text", "audio"]
+    k: int = Field(10, ge=1, le=1000)
+
+
 class RequestError(Exception):
     """A request the client got wrong: answered ``status`` with ``{"error": code, "detail": ...}``."""
 
@@ -139,8 +148,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_request(body: bytes, max_records: int) -> list[dict]:
+def parse_request(body: bytes, max_records: int, schema: type[PredictRequest] = PredictRequest) -> list[dict]:
     """The records of a ``POST /predict`` body, each with its ``id`` (its position when absent)."""
+    return parse_payload(body, max_records, schema)[0]
+
+
+def parse_payload(body: bytes, max_records: int, schema: type[PredictRequest]) -> tuple[list[dict], PredictRequest]:
+    """The body checked against ``schema``: its records (ids filled in) and the whole request."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -151,7 +165,7 @@ def parse_request(body: bytes, max_records: int) -> list[dict]:
         raise RequestError(422, "too_many_records",
                            f"{len(payload['records'])} records in one request, over the limit of {max_records}")
     try:
-        request = PredictRequest.model_validate(payload)
+        request = schema.model_validate(payload)
     except ValidationError as exc:
         raise RequestError(422, "invalid_request", _validation_detail(exc)) from None
     records = [r.model_dump() for r in request.records]
@@ -164,7 +178,7 @@ def parse_request(body: bytes, max_records: int) -> list[dict]:
         if str(r["id"]) in seen:
             raise RequestError(422, "invalid_request", f"id {r['id']!r} is repeated in the request")
         seen.add(str(r["id"]))
-    return records
+    return records, request
 
 
 def _validation_detail(exc: ValidationError) -> str:
@@ -186,6 +200,11 @@ class ModelServer:
 
         self.options = options
         self.predictor = Predictor(cfg, Path(model_dir), options.quantize)
+        self.searcher = None
+        if options.align_model:
+            from pipeline.serve_model import Searcher
+
+            self.searcher = Searcher(self.predictor, cfg.store, Path(options.align_model))
         self.predict.set_max_batch_size(options.max_batch_size)
         self.predict.set_batch_wait_timeout_s(options.batch_wait_s)
         self.metrics = _metrics()
@@ -206,6 +225,13 @@ class ModelServer:
         answers = await asyncio.to_thread(self.predictor.predict_batch, requests)
         self._record(answers, sum(map(len, requests)), time.perf_counter() - started)
         return answers
+
+    async def search(self, records: list[dict], modality: str, k: int) -> dict:
+        """The store's samples of ``modality`` nearest each query record (not batched across requests)."""
+        answer = await asyncio.to_thread(self.searcher.search, records, modality, k)
+        for r in answer["rejects"]:
+            self.metrics["mmpipe_serve_rejects"].inc(1, {"stage": r["stage"], "reason": r["reason"]})
+        return answer
 
     def _record(self, answers: list[dict], n_records: int, seconds: float) -> None:
         m = self.metrics
@@ -283,6 +309,28 @@ class Ingress:
                            len(records), type(exc).__name__)
             _metrics()["mmpipe_serve_resent"].inc(1)
             return await self.model.predict.remote(records)
+
+    @api.post("/search")
+    async def search(self, request: Request) -> JSONResponse:
+        """The contract of ``mmpipe search --json``: per query ``{"id", "results": [{"id", "score",
+        "label"}]}``; query records the stages reject in ``rejects``."""
+        if not self.options.align_model:
+            return error_response(404, "search_disabled", "this service has no alignment model: start "
+                                                          "`mmpipe serve` with --align models/<name>/")
+        try:
+            records, query = parse_payload(await read_body(request, self.options.max_body_bytes),
+                                           self.options.max_records, SearchRequest)
+        except RequestError as exc:
+            return error_response(exc.status, exc.code, exc.detail)
+        if query.modality not in self.options.search_modalities:
+            return error_response(422, "modality_not_aligned", f"the alignment model maps "
+                                  f"{', '.join(self.options.search_modalities)}, not {query.modality}")
+        try:
+            result = await asyncio.wait_for(self.model.search.remote(records, query.modality, query.k),
+                                            self.options.request_timeout_s)
+        except asyncio.TimeoutError:
+            return error_response(504, "timeout", f"no answer within {self.options.request_timeout_s:g} s")
+        return JSONResponse(result)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -73,6 +73,43 @@ class Predictor:
         return out
 
 
+class Searcher:
+    """``POST /search``: request records through the predictor's stages (the same the store was
+    built with), the alignment heads, then the store's vector index of the wanted modality (synced
+    by ``mmpipe serve`` before the replicas start; each replica loads the graphs it is asked for)."""
+
+    def __init__(self, predictor: Predictor, store: str, align_dir: Path):
+        from training.align import load_aligner
+        from training.index import VectorIndex
+
+        self.predictor = predictor
+        self.model, _ = load_aligner(align_dir)
+        self.indexes = {m: VectorIndex(store, m, align_dir) for m in self.model.spec.modalities}
+
+    def search(self, records: list[dict], modality: str, k: int) -> dict:
+        from pipeline.predict import Featurized
+        from pipeline.search import query_vectors
+
+        with tempfile.TemporaryDirectory(prefix="mmpipe-search-") as folder:
+            sources, rejects = source_records(records, Path(folder), self.predictor.cfg.source.http.max_bytes)
+            feats = self.predictor.featurizer(sources, cache_dir=folder) if sources else Featurized(None, [], 0)
+        found: dict[int, list[dict]] = {}
+        if feats.table is not None and feats.table.num_rows:
+            vectors = query_vectors(feats.table, self.model, self.model.spec.modalities)
+            for position, results in zip(feats.table["id"].to_pylist(), self.indexes[modality].search(vectors, k)):
+                found[int(position)] = results
+        refused = {int(r["id"]): r for r in rejects + feats.rejects}
+        out: dict[str, list] = {"results": [], "rejects": []}
+        for position, r in enumerate(records):
+            if position in found:
+                out["results"].append({"id": r["id"], "results": found[position]})
+            else:
+                reject = refused[position]
+                out["rejects"].append({"id": r["id"], "stage": reject["stage"], "reason": reject["reason"],
+                                       "detail": _without_folder(reject["detail"])})
+        return out
+
+
 def media_ref(value: str, path: Path, max_bytes: int) -> str:
     """The reference the scan gets for a media value: an http(s) URL as it is (fetched by the
     scan, under ``source.http``'s rules); a ``data:`` URI decoded to ``path`` (the file's name: the

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from pipeline.cli import predict_records
@@ -34,6 +35,7 @@ from stages.base import Reject
 from tests.conftest_http import body, loopback_server, network_guard, slow, status  # noqa: F401 (fixture)
 from tests.pipeline.helpers import config
 from tests.pipeline.test_metrics import free_port, scrape
+from training.align import align
 from training.train import train
 
 MMPIPE = str(Path(sys.executable).with_name("mmpipe"))
@@ -50,6 +52,7 @@ class Trained:
     cfg: object
     config_path: Path
     model_dir: Path
+    align_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +68,10 @@ def trained(tmp_path_factory) -> Trained:
     cfg = config(folder, manifest, folder / "store", overrides)
     run(cfg, log=lambda s: None)
     result = train(cfg, str(folder / "store"))
+    space = align(cfg.model_copy(update={"align": cfg.align.model_copy(update={"epochs": 30, "batch_size": 16, "dim": 32})}),
+                  str(folder / "store"), name="space")
     rows = {r["id"]: r for r in map(json.loads, manifest.read_text().splitlines()) if "id" in r}
-    return Trained(folder, manifest.parent, rows, cfg, folder / "config.yaml", Path(result.model_dir))
+    return Trained(folder, manifest.parent, rows, cfg, folder / "config.yaml", Path(result.model_dir), space.model_dir)
 
 
 @dataclass
@@ -101,7 +106,8 @@ def service(trained):
         proc = subprocess.Popen([MMPIPE, "serve", str(trained.config_path), "--model", str(trained.model_dir),
                                  "--port", str(port), "--replicas", "2", "--timeout-s", str(TIMEOUT_S),
                                  "--max-records", str(MAX_RECORDS), "--max-batch-size", "16",
-                                 "--max-body-mb", str(MAX_BODY / 2 ** 20)],
+                                 "--max-body-mb", str(MAX_BODY / 2 ** 20),
+                                 "--align", str(trained.align_dir), "--store", str(trained.folder / "store")],
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=trained.folder)
     try:
         deadline = time.monotonic() + 180
@@ -304,6 +310,31 @@ def _model_replicas(ray) -> set[str]:
     """The names of the model deployment's live replica actors."""
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("SERVE_REPLICA::mmpipe#model#")}
+
+
+def test_search_answers_as_mmpipe_search_does(service, trained, tmp_path):
+    """``POST /search`` (served with --align): per query the results ``mmpipe search`` gives for it
+    (same ids in the same order, same scores), query records the stages reject in ``rejects``, a
+    modality the alignment does not map or a malformed request refused."""
+    from pipeline.search import _single_query, search_records
+
+    query = "waves and a coral reef by the shore, surf and tide"
+    code, answer = service.post({"records": [{"id": "reef", "text": query},
+                                             {"id": "inside", "image": "http://127.0.0.1/secret.jpg"}],
+                                 "modality": "image", "k": 5}, path="/search")
+    assert code == 200, answer
+    (hit,) = answer["results"]
+    assert hit["id"] == "reef" and len(hit["results"]) == 5 and all(r["id"] in trained.rows for r in hit["results"])
+    cfg = _single_query(trained.cfg, {"text": query, "image": None, "audio": None}, tmp_path)
+    (expected,) = search_records(cfg, str(trained.folder / "store"), trained.align_dir, "image", 5)
+    assert [r["id"] for r in hit["results"]] == [r["id"] for r in expected["results"]]
+    assert np.allclose([r["score"] for r in hit["results"]], [r["score"] for r in expected["results"]], atol=1e-5)
+    assert [(r["id"], r["reason"]) for r in answer["rejects"]] == [("inside", "url_blocked")]
+    for bad, status, error in [({"records": [{"text": "x"}], "modality": "video"}, 422, "invalid_request"),
+                               ({"records": [{"text": "x"}], "modality": "image", "k": 0}, 422, "invalid_request"),
+                               (b"{not json", 400, "invalid_json")]:
+        code, answer = service.post(bad, path="/search")
+        assert (code, answer["error"]) == (status, error), answer
 
 
 def test_a_replica_killed_under_load_is_replaced_and_no_request_is_lost(trained, service):
