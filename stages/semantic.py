@@ -98,24 +98,28 @@ class SemanticIndex:
         verdicts: list[str | None] = [None] * n
         for i, key in self._stored_matches(ids, vectors, present).items():
             verdicts[i] = self.ids[key]
-        for j in range(n):
-            if verdicts[j] is not None or not compared[j]:
+        same = self._same(vectors, present) & (np.asarray(ids, object)[:, None] != np.asarray(ids, object)[None, :])
+        kept = np.array([v is None for v in verdicts]) & compared
+        for j in range(n):   # in order: a row may only duplicate an earlier row that was kept
+            if not kept[j]:
                 continue
-            for i in range(j):
-                if verdicts[i] is None and compared[i] and ids[i] != ids[j] and self._same(i, j, vectors, present):
-                    verdicts[j] = ids[i]
-                    break
-        new = np.array([v is None for v in verdicts]) & compared
+            earlier = np.flatnonzero(same[j, :j] & kept[:j])
+            if len(earlier):
+                verdicts[j], kept[j] = ids[earlier[0]], False
+        new = kept
         self._add([ids[i] for i in np.flatnonzero(new)], {m: v[new] for m, v in vectors.items()},
                   {m: p[new] for m, p in present.items()})
         return verdicts
 
-    def _same(self, i: int, j: int, vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> bool:
-        """Row j within the threshold of row i in every compared modality j has (i has them all)."""
+    def _same(self, vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+        """[j, i]: row j is within the threshold of row i in every compared modality j has (and i
+        has them all); one matrix product per modality for the whole block."""
+        n = len(next(iter(present.values())))
+        same = np.ones((n, n), bool)
         for m in self.p.modalities:
-            if present[m][j] and (not present[m][i] or float(vectors[m][i] @ vectors[m][j]) < self.p.limit(m)):
-                return False
-        return True
+            close = (vectors[m] @ vectors[m].T >= self.p.limit(m)) & present[m][None, :]
+            same &= close | ~present[m][:, None]
+        return same
 
     def _stored_matches(self, ids: list[str], vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> dict[int, int]:
         """Row -> key of the first candidate (nearest first) that passes in every modality."""
