@@ -70,7 +70,8 @@ def embedding_dims(table: pa.Table, modalities: list[str]) -> dict[str, int]:
     return dims
 
 
-def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+def embedding_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    """An embedding column as an (n, dim) float32 matrix; null or short rows (an absent modality) are zeros."""
     n = len(column)
     col = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
@@ -88,7 +89,7 @@ def to_arrays(table: pa.Table, dims: dict[str, int], classes: list[str] | None =
     out: Arrays = {}
     for m, d in dims.items():
         mask = table[f"has_{m}"].fill_null(False).to_numpy(zero_copy_only=False).astype(np.float32)
-        out[f"{m}_emb"] = _matrix(table[f"{m}_emb"], d) * mask[:, None]
+        out[f"{m}_emb"] = embedding_matrix(table[f"{m}_emb"], d) * mask[:, None]
         out[f"{m}_mask"] = mask
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}

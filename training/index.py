@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from core.config import ConfigError
 from core.store import Store
+from training.data import embedding_matrix
 
 READ_ROWS = 4096
 M, EF_CONSTRUCTION, EF_SEARCH = 16, 128, 64   # graph degree and search breadths (bench_index.py's)
@@ -113,9 +114,9 @@ def _rows(store: Store, version: int, files: list[str] | None, modality: str) ->
 
 
 def _vectors(batch: pa.RecordBatch, modality: str) -> np.ndarray:
-    column = batch.column(f"{modality}_emb")
-    dim = pc.max(pc.list_value_length(column)).as_py()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    """The batch's embeddings as a matrix (training's reader: zeros for a short or null row)."""
+    column = pa.chunked_array([batch.column(f"{modality}_emb")])
+    return embedding_matrix(column, pc.max(pc.list_value_length(column)).as_py() or 0)
 
 
 class VectorIndex:
