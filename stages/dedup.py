@@ -1014,7 +1014,7 @@ class Dedup(Stage):
         if SIG not in batch:
             batch[SIG] = object_column([""] * n)
         rows, sigs = [], []
-        for i in self._candidates(batch):
+        for i in originals_to_check(batch):
             media = {m: batch[m][i] if m in batch else None for m in MODALITIES}
             try:
                 sigs.append(signature_of(str(batch["id"][i]), media, self.params))
@@ -1031,9 +1031,9 @@ class Dedup(Stage):
                 self.reject(batch, i, "duplicate", kept)
         return batch
 
-    @staticmethod
-    def _candidates(batch: Batch) -> list[int]:
-        """Live original rows (aug 0) that this run processes (non-empty redo)."""
-        aug = batch.get(AUG)
-        return [int(i) for i in live_rows(batch)
-                if str(batch[REDO][i] or "") and (aug is None or int(aug[i]) == 0)]
+
+def originals_to_check(batch: Batch) -> list[int]:
+    """Live original rows (aug 0) that this run processes (non-empty redo): what a dedup checks."""
+    aug = batch.get(AUG)
+    return [int(i) for i in live_rows(batch)
+            if str(batch[REDO][i] or "") and (aug is None or int(aug[i]) == 0)]

@@ -20,11 +20,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from stages.dedup import _Strings
-from stages.base import MODALITIES, REDO, Batch, RunScope, Stage, StageParams, live_rows
+import ray
+
+from stages.base import MODALITIES, REDO, Batch, RunScope, Stage, StageParams
+from stages.dedup import AUG, _kill, _Strings, originals_to_check
 from stages.registry import register_stage
 
-AUG = "aug"
 M, EF_CONSTRUCTION = 16, 128
 _LOCAL: dict[str, "SemanticIndex"] = {}   # a run's index in this process (runs in the driver)
 _ACTORS: dict[str, Any] = {}                # a run's index actor, by name
@@ -202,9 +203,6 @@ class SemanticActor:
     def check(self, ids, vectors, present):
         return self.index.check(ids, vectors, present)
 
-    def size(self) -> int:
-        return self.index.size()
-
 
 @register_stage
 class SemanticDedup(Stage):
@@ -228,14 +226,12 @@ class SemanticDedup(Stage):
 
     @classmethod
     def open_run(cls, scope: RunScope) -> None:
-        import ray
-
         name = index_name(scope.run_id)
         params = scope.params.model_dump()
         if scope.local or not ray.is_initialized():
             _LOCAL[name] = SemanticIndex(params, scope.stored, scope.removed)
             return
-        _kill(name)
+        _kill(name)   # an index left by a run of the same id
         # The handle is kept: an actor nothing refers to is destroyed.
         _ACTORS[name] = ray.remote(num_cpus=0)(SemanticActor).options(name=name).remote(
             params, scope.stored, scope.removed)
@@ -245,12 +241,11 @@ class SemanticDedup(Stage):
         name = index_name(scope.run_id)
         _LOCAL.pop(name, None)
         _ACTORS.pop(name, None)
-        _kill(name)
+        if ray.is_initialized():
+            _kill(name)
 
     def process(self, batch: Batch) -> Batch:
-        aug = batch.get(AUG)
-        rows = [int(i) for i in live_rows(batch)
-                if str(batch[REDO][i] or "") and (aug is None or int(aug[i]) == 0)]
+        rows = originals_to_check(batch)
         if not rows:
             return batch
         vectors, present = {}, {}
@@ -267,8 +262,6 @@ class SemanticDedup(Stage):
 
 
 def _open(name: str, params: SemanticParams) -> Callable:
-    import ray
-
     if name in _LOCAL or not ray.is_initialized():
         index = _LOCAL.get(name) or _LOCAL.setdefault(name, SemanticIndex(params))
         return index.check
@@ -278,14 +271,4 @@ def _open(name: str, params: SemanticParams) -> Callable:
         raise RuntimeError(f"semantic dedup index {name!r} not found: the run did not open it") from None
     return lambda ids, vectors, present: ray.get(actor.check.remote(ids, vectors, present))
 
-
-def _kill(name: str) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        return
-    try:
-        ray.kill(ray.get_actor(name))
-    except ValueError:
-        pass
 
