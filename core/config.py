@@ -130,7 +130,7 @@ class RayConfig(Strict):
 
 class TrainingConfig(Strict):
     fusion: str = "concat"
-    modalities: list[str] = Field(default_factory=lambda: ["image", "text", "audio"])
+    modalities: list[str] | None = None   # None: every modality the store holds features for
     name: str | None = None
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -161,7 +161,7 @@ class AlignConfig(Strict):
     """``mmpipe align``: projection heads into one shared space (engine, workers and resources are
     ``training``'s)."""
 
-    modalities: list[str] = Field(default_factory=lambda: ["image", "text", "audio"])
+    modalities: list[str] | None = None   # None: every modality the store holds features for
     name: str | None = None
     dim: int = Field(128, ge=2)            # the shared space
     hidden: int = Field(256, ge=1)

@@ -6,16 +6,18 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from stages.base import MODALITIES, redact_urls
+from stages.base import redact_urls
+from stages.modalities import MEDIA, MODALITIES, REGISTRY
 
 # Columns of the in-flight batch. Media columns hold raw bytes after ingest, cleaned media after
-# cleanup (image: encoded jpg/png bytes, audio: FLAC bytes, text: str); None where absent.
+# cleanup (image: encoded jpg/png bytes, audio: FLAC bytes, video: mp4 bytes, text: str); None
+# where absent. A modality's extra columns (video_frames) are bytes or None like its own.
 BATCH_STR_COLUMNS = (
-    "id", "label", "split", "image_ref", "audio_ref",
-    "sha_image", "sha_text", "sha_audio", "sha_sample",
+    "id", "label", "split", *(f"{m}_ref" for m in MEDIA),
+    *(f"sha_{m}" for m in (*MODALITIES, "sample")),
     "redo", "reject_stage", "reject_reason", "reject_detail", "meta", "dropped", "aug_params", "dedup_sig",
 )
-MEDIA_COLUMNS = MODALITIES  # image, text, audio
+MEDIA_COLUMNS = (*MODALITIES, *(c for m in MODALITIES for c in REGISTRY[m].extra_columns))
 
 
 def normalize_batch(batch: dict) -> dict:
@@ -42,10 +44,8 @@ FEATURES_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("split", pa.string()),
         ("aug", pa.int32()),
-        ("has_image", pa.bool_()),
-        ("has_text", pa.bool_()),
-        ("has_audio", pa.bool_()),
     ]
+    + [(f"has_{m}", pa.bool_()) for m in MODALITIES]
     + [(f"{m}_emb", pa.list_(pa.float32())) for m in MODALITIES]
     + [(f"sha_{m}", pa.string()) for m in (*MODALITIES, "sample")]
     + [(f"fp_{m}", pa.string()) for m in (*MODALITIES, "sample")]
@@ -76,7 +76,7 @@ REJECTS_SCHEMA = pa.schema(
 def reject_record(row: Mapping[str, Any], run_id: str, fp_all: str = "") -> dict[str, Any]:
     """The rejects-table row for a rejected row (a planner dict or one row of a batch): the one
     place a reject record is built."""
-    refs = {m: redact_urls(str(row.get(f"{m}_ref") or "")) for m in ("image", "audio")}
+    refs = {m: redact_urls(str(row.get(f"{m}_ref") or "")) for m in MEDIA}
     return {"id": str(row["id"]), "stage": str(row["reject_stage"]), "reason": str(row["reject_reason"]),
             "detail": redact_urls(str(row["reject_detail"] or "")), "run_id": run_id,
             "sha_sample": str(row.get("sha_sample") or ""), "fp_all": str(row.get("fp_all") or fp_all),

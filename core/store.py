@@ -53,9 +53,17 @@ def snapshot_dataset(dt: DeltaTable, fs: pafs.FileSystem) -> pads.Dataset:
     and a process that scanned through it aborted at exit about every other time (``terminate
     called without an active exception``, exit 134, even after a successful ``mmpipe report``).
     mmpipe's tables have no partitions and no deletion vectors (a superseded row's file is
-    rewritten), so the file list is the snapshot."""
+    rewritten), so the file list is the snapshot. A table written before a column was added (a
+    new modality's) reads with that column, null in its old rows."""
     paths = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
-    return pads.dataset(paths, schema=dt.to_pyarrow_dataset().schema, filesystem=fs, format="parquet")
+    return pads.dataset(paths, schema=widened(dt.to_pyarrow_dataset().schema), filesystem=fs, format="parquet")
+
+
+def widened(schema: pa.Schema) -> pa.Schema:
+    """A stored table's schema plus the columns mmpipe's current layout of that table adds."""
+    layout = FEATURES_SCHEMA if "fp_sample" in schema.names else REJECTS_SCHEMA if "fp_all" in schema.names else None
+    missing = [f for f in layout or () if f.name not in schema.names]
+    return pa.schema([*schema, *missing]) if missing else schema
 
 
 class Store:
@@ -219,6 +227,10 @@ class Store:
                                           description=json.dumps(metadata or {}), storage_options=self.storage_options,
                                           commit_properties=props)
             return 0
+        stored = pa.schema(dt.schema().to_arrow()).names
+        new_columns = [f for f in schema if f.name not in stored]
+        if new_columns:   # a table from before a column existed (schema evolution: Delta's add-columns)
+            dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(new_columns)).fields))
         dt.create_write_transaction(removes + adds, mode="append", schema=schema, commit_properties=props)
         dt.update_incremental()
         return dt.version()

@@ -30,7 +30,8 @@ def dry_run(cfg: Config) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="mmpipe-plan-"))
     try:
         with pipe:
-            planner = Planner(store, pipe.fps, cfg, run_id, folder / "plan", source_size(cfg.source))
+            planner = Planner(store, pipe.fps, cfg, run_id, folder / "plan", source_size(cfg.source),
+                              derived=pipe.derived)
             for scanned in pipe.scan_chunks(iter_source(cfg.source, cfg.execution.scan_chunk_rows)):
                 planner.add(scanned)
             plan = planner.finish()

@@ -10,10 +10,11 @@ from typing import Any
 import pyarrow.compute as pc
 
 from core.store import Store
+from stages.modalities import MODALITIES
 
-WHY_FEATURE_COLUMNS = ["id", "aug", "label", "split", "has_image", "has_text", "has_audio", "sha_image", "sha_text",
-                       "sha_audio", "sha_sample", "fp_sample", "aug_params", "dedup_sig", "dropped", "meta", "shard",
-                       "run_id"]
+WHY_FEATURE_COLUMNS = ["id", "aug", "label", "split", *(f"has_{m}" for m in MODALITIES),
+                       *(f"sha_{m}" for m in (*MODALITIES, "sample")), "fp_sample", "aug_params", "dedup_sig", "dropped",
+                       "meta", "shard", "run_id"]
 
 
 class UnknownId(LookupError):
@@ -45,8 +46,8 @@ def why(store: Store, rid: str) -> dict[str, Any]:
     if feats:
         original = next((r for r in feats if r["aug"] == 0), feats[0])
         out.update(status="accepted", label=original["label"], split=original["split"],
-                   modalities=[m for m in ("image", "text", "audio") if original[f"has_{m}"]],
-                   sha={m: original[f"sha_{m}"] for m in ("image", "text", "audio", "sample") if original[f"sha_{m}"]},
+                   modalities=[m for m in MODALITIES if original[f"has_{m}"]],
+                   sha={m: original[f"sha_{m}"] for m in (*MODALITIES, "sample") if original[f"sha_{m}"]},
                    fingerprint=original["fp_sample"], shard=original["shard"],
                    meta=json.loads(original["meta"] or "{}"), dropped=json.loads(original["dropped"] or "{}"),
                    copies=[{"aug": r["aug"], "shard": r["shard"], "params": json.loads(r["aug_params"] or "{}")}
@@ -158,7 +159,7 @@ def plot_funnel(record: dict[str, Any], steps: list[dict[str, Any]], path: Path)
 
 
 # -- diff -----------------------------------------------------------------------------------
-DIFF_COLUMNS = ["id"] + [f"sha_{m}" for m in ("image", "text", "audio")] + [f"fp_{m}" for m in ("image", "text", "audio")] + ["run_id"]
+DIFF_COLUMNS = ["id"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in MODALITIES] + ["run_id"]
 DIFF_BUCKET_ROWS = 200_000   # rows of both versions joined at a time
 
 
@@ -203,7 +204,7 @@ def _diff_bucket(old, new, out: dict[str, Any], runs: dict[str, dict], examples:
             kind = "removed"
         else:
             why = {}
-            for m in ("image", "text", "audio"):
+            for m in MODALITIES:
                 if row[f"sha_{m}_old"] != row[f"sha_{m}_new"]:
                     why[m] = "content"
                 elif row[f"fp_{m}_old"] != row[f"fp_{m}_new"]:

@@ -24,11 +24,9 @@ import pyarrow.fs as pafs
 from core.config import ConfigError
 from core.store import Store, filesystem_of, snapshot_dataset
 from pipeline.sinks import TarSampleWriter, richness, sample_key
-from stages.base import MODALITIES
+from stages.modalities import INLINE, MEDIA, MODALITIES, REGISTRY, modality_of_suffix
 
 FORMATS = ("parquet", "webdataset")
-MEDIA_FEATURES = {"image": "Image", "audio": "Audio", "video": "Video"}   # HF feature type of each media column
-MEMBER_MODALITY = {"jpg": "image", "png": "image", "txt": "text", "flac": "audio", "mp4": "video"}
 HF_SPLIT = {"val": "validation"}   # mmpipe split -> the name Hugging Face gives it (and the export's folder)
 PARQUET_GROUP_ROWS = 128   # rows per Parquet row group: media rows are large, and readers stream by row group
 READ_COLUMNS = ["id", "label", "split", "aug", "meta", "shard", *(f"{m}_emb" for m in MODALITIES)]
@@ -142,7 +140,7 @@ def hf_features() -> dict[str, Any]:
     value = lambda dtype: {"dtype": dtype, "_type": "Value"}  # noqa: E731
     out = {"id": value("string"), "label": value("string"), "split": value("string"), "aug": value("int32")}
     for m in MODALITIES:
-        out[m] = value("string") if m == "text" else {"_type": MEDIA_FEATURES[m]}
+        out[m] = value("string") if REGISTRY[m].inline else {"_type": REGISTRY[m].hf_feature}
     for m in MODALITIES:
         out[f"{m}_emb"] = {"feature": value("float32"), "_type": "List"}
     out["meta"] = value("string")
@@ -152,7 +150,7 @@ def hf_features() -> dict[str, Any]:
 def parquet_schema() -> pa.Schema:
     media = pa.struct([("bytes", pa.binary()), ("path", pa.string())])   # datasets.Image / Audio storage
     fields = [("id", pa.string()), ("label", pa.string()), ("split", pa.string()), ("aug", pa.int32())]
-    fields += [(m, pa.string() if m == "text" else media) for m in MODALITIES]
+    fields += [(m, pa.string() if REGISTRY[m].inline else media) for m in MODALITIES]
     fields += [(f"{m}_emb", pa.list_(pa.float32())) for m in MODALITIES]
     fields += [("meta", pa.string())]
     return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": hf_features()}})})
@@ -175,9 +173,9 @@ def _media_of(members: dict[str, bytes], key: str) -> dict[str, Any]:
     """A sample's members as export values: None where a modality is absent (or its member is empty)."""
     out: dict[str, Any] = {m: None for m in MODALITIES}
     for ext, data in members.items():
-        m = MEMBER_MODALITY.get(ext)
+        m = modality_of_suffix(ext)
         if m in out and data:
-            out[m] = data.decode("utf-8") if m == "text" else {"bytes": data, "path": f"{key}.{ext}"}
+            out[m] = data.decode("utf-8") if REGISTRY[m].inline else {"bytes": data, "path": f"{key}.{ext}"}
     return out
 
 
@@ -213,7 +211,7 @@ def _normalize_sample(key: str, members: dict[str, bytes]) -> dict[str, bytes]:
         if not isinstance(meta.get(name, ""), str):
             meta[name] = json.dumps(meta[name], sort_keys=True)
     for m in MODALITIES:
-        meta.setdefault(f"has_{m}", any(MEMBER_MODALITY.get(ext) == m and v for ext, v in members.items()))
+        meta.setdefault(f"has_{m}", any(modality_of_suffix(ext) == m and v for ext, v in members.items()))
     sample["json"] = json.dumps(meta, sort_keys=True).encode()
     return sample
 
@@ -344,17 +342,20 @@ def dataset_card(plan: ExportPlan, fmt: str) -> str:
 def _columns_text() -> str:
     rows = [["id, label, split", "string", "sample id, class label, mmpipe split"],
             ["aug", "int32", "0: original; k: k-th augmented copy"],
-            ["image, audio", "struct{bytes, path} (HF Image / Audio)", "cleaned media; null where absent"],
-            ["text", "string", "cleaned text; null where absent"],
+            [", ".join(MEDIA), f"struct{{bytes, path}} (HF {' / '.join(REGISTRY[m].hf_feature for m in MEDIA)})",
+             "cleaned media; null where absent"],
+            [", ".join(INLINE), "string", "cleaned text; null where absent"],
             ["<modality>_emb", "list<float32>", "features; zeros where the modality is absent"],
             ["meta", "string (JSON)", "what the pipeline measured"]]
     return _md_table(["column", "type", "meaning"], rows)
 
 
 def _members_text() -> str:
-    return ("One sample per key: `.jpg`/`.png` (image) and `.flac` (audio) where the sample has them, `.txt` "
-            "in every sample (empty: no text), `.json` metadata (id, label, split, aug, has_<modality>, hashes; "
-            "lineage as JSON text).")
+    media = ", ".join(f"{'/'.join(f'`.{e}`' for e in REGISTRY[m].members)} ({m})" for m in MEDIA)
+    extras = ", ".join(f"`.{e}` ({c})" for m in MODALITIES for c, e in REGISTRY[m].extras.items())
+    return (f"One sample per key: {media} where the sample has them" + (f", {extras} beside its modality" if extras else "")
+            + ", `.txt` in every sample (empty: no text), `.json` metadata (id, label, split, aug, has_<modality>, "
+            "hashes; lineage as JSON text).")
 
 
 CROISSANT_CONTEXT = {
@@ -370,7 +371,6 @@ CROISSANT_CONTEXT = {
     "repeated": "cr:repeated", "replace": "cr:replace", "separator": "cr:separator", "source": "cr:source",
     "subField": "cr:subField", "transform": "cr:transform",
 }
-CROISSANT_TYPES = {"image": "sc:ImageObject", "audio": "sc:AudioObject", "video": "sc:VideoObject", "text": "sc:Text"}
 
 
 def croissant(plan: ExportPlan, fmt: str) -> dict[str, Any]:
@@ -393,15 +393,15 @@ def croissant(plan: ExportPlan, fmt: str) -> dict[str, Any]:
                   fld("split", "sc:Text", col("split"), "mmpipe split (train, val, test)"),
                   fld("aug", "sc:Integer", col("aug"), "0: original; k: k-th augmented copy")]
         for m in MODALITIES:
-            source = col(m) if m == "text" else col(m, transform={"jsonPath": "bytes"})
-            fields.append(fld(m, CROISSANT_TYPES[m], source, f"cleaned {m}; null where the sample has none"))
+            source = col(m) if REGISTRY[m].inline else col(m, transform={"jsonPath": "bytes"})
+            fields.append(fld(m, REGISTRY[m].croissant, source, f"cleaned {m}; null where the sample has none"))
         for m in MODALITIES:
             fields.append(fld(f"{m}_emb", "sc:Float", col(f"{m}_emb"), f"{m} features; zeros where absent", repeated=True))
     else:
         files = [{"@type": "cr:FileSet", "@id": "shards", "name": "shards",
                   "description": f"WebDataset shards, one folder per split ({splits})",
                   "encodingFormat": "application/x-tar", "includes": "*/*.tar"}]
-        members = {"image": ["*.jpg", "*.png"], "text": ["*.txt"], "audio": ["*.flac"], "video": ["*.mp4"], "json": ["*.json"]}
+        members = {**{m: [f"*.{e}" for e in REGISTRY[m].members] for m in MODALITIES}, "json": ["*.json"]}
         for m in (*MODALITIES, "json"):
             files.append({"@type": "cr:FileSet", "@id": f"members-{m}", "name": f"members-{m}", "containedIn": {"@id": "shards"},
                           "encodingFormat": "application/json" if m == "json" else "application/octet-stream",
@@ -412,8 +412,8 @@ def croissant(plan: ExportPlan, fmt: str) -> dict[str, Any]:
                       "sample key (the common file name of a sample's members)"),
                   fld("metadata", "sc:Text", content("json"), f"JSON: id, label ({labels}), split, aug, has_<modality>")]
         for m in MODALITIES:
-            absent = "empty" if m == "text" else "no member"
-            fields.append(fld(m, CROISSANT_TYPES[m], content(m), f"cleaned {m}; {absent} where the sample has none"))
+            absent = "empty" if REGISTRY[m].inline else "no member"
+            fields.append(fld(m, REGISTRY[m].croissant, content(m), f"cleaned {m}; {absent} where the sample has none"))
     name = (plan.run.get("config") or {}).get("name") or "mmpipe-export"
     return {
         "@context": CROISSANT_CONTEXT, "@type": "sc:Dataset", "conformsTo": "http://mlcommons.org/croissant/1.0",

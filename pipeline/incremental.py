@@ -31,11 +31,10 @@ from core.store import Store
 from pipeline.plan import Lineage, Plan, assign_ids, mark_content_duplicates, plan_rows, reexamine
 from pipeline.spill import Partitioned, Spill, key_hashes
 from stages.base import MODALITIES
+from stages.ingest import SCAN_COLUMNS
 
 _S = pa.string()
-SCANNED = pa.schema([("row", pa.int64())] + [(c, _S) for c in (
-    "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
-    "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "sha_sample", "extra")])
+SCANNED = pa.schema([("row", pa.int64())] + [(c, _S) for c in SCAN_COLUMNS if c != "row"] + [("sha_sample", _S)])
 PLANNED = SCANNED.append(pa.field("fp_all", _S)).append(pa.field("redo", _S)).append(pa.field("keep", _S))
 CANDIDATE = PLANNED.append(pa.field("kept_id", _S))
 FEATURE_LINEAGE = ["id", "aug", "label", "split"] + [f"sha_{m}" for m in MODALITIES] + [f"fp_{m}" for m in (*MODALITIES, "sample")]
@@ -91,15 +90,16 @@ class Planner:
     """Takes scanned rows as they come; ``finish`` plans them against the store."""
 
     def __init__(self, store: Store | None, fps: dict[str, str], cfg: Config, run_id: str, folder: Path,
-                 expected_rows: int = 0, dedup: bool = True):
+                 expected_rows: int = 0, dedup: bool = True, derived: dict[str, str] | None = None):
         self.store, self.fps, self.cfg, self.run_id, self.folder, self.dedup = store, fps, cfg, run_id, folder, dedup
+        self.derived = derived or {}
         stored = 0 if store is None else store.count("features") + store.count("rejects")
         self.n = max(1, math.ceil(max(expected_rows, stored) / cfg.execution.plan_bucket_rows))
         self.by_content = Partitioned(folder / "by_content", SCANNED, self.n, "sha_sample")
         self.input = 0
 
     def add(self, scanned: list[dict]) -> None:
-        assign_ids(scanned, self.cfg)
+        assign_ids(scanned, self.cfg, self.derived)
         self.by_content.add(pa.Table.from_pylist(scanned, schema=SCANNED))
         self.input += len(scanned)
 
@@ -164,11 +164,12 @@ class Planner:
         if inputs.num_rows == 0 or stored.num_rows == 0 or pc.count_distinct(ids).as_py() != inputs.num_rows \
                 or pc.any(pc.match_substring(ids, "~")).as_py():
             return none
-        fp = pc.equal(stored["aug"], 0)
-        for m in (*MODALITIES, "sample"):
-            fp = pc.and_(fp, pc.equal(stored[f"fp_{m}"], self.fps[m]))
+        fp = pc.and_(pc.equal(stored["aug"], 0), pc.equal(stored["fp_sample"], self.fps["sample"]))
+        for m in MODALITIES:   # made by today's stages, or before the modality existed (as _redo decides)
+            fp = pc.and_(fp, pc.or_kleene(pc.is_null(stored[f"fp_{m}"]), pc.equal(stored[f"fp_{m}"], self.fps[m])))
         compared = ["label", "split"] + [f"sha_{m}" for m in MODALITIES]
         old = stored.filter(fp).select(["id", *compared])
+        old = pa.table({c: pc.fill_null(old[c], "") if c.startswith("sha_") else old[c] for c in old.column_names})
         new = inputs.filter(pc.equal(inputs["reject_reason"], "")).select(["id", *compared])
         joined = new.join(old, keys="id", join_type="inner", right_suffix="_old")
         same = pc.equal(joined["label"], joined["label_old"])

@@ -14,9 +14,11 @@ import ray
 from core.config import Config
 from core.store import Store
 from pipeline.execution import PlanRows, RayStart, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
-from pipeline.plan import Lineage, Plan, StageSpec, fingerprints, make_plan, resolve_stages, scan_spec
+from pipeline.plan import (Lineage, Plan, StageSpec, derived_modalities, fingerprints, make_plan, resolve_stages,
+                           scan_spec)
 from pipeline.sources import SourceRecord
 from stages.base import Batch, RunScope, Stage, StageContext, StageStats, object_column
+from stages.modalities import MEDIA, MODALITIES
 
 SCAN_BATCH = 64   # records per scan call
 
@@ -61,6 +63,10 @@ class Pipeline:
     @property
     def fps(self) -> dict[str, str]:
         return fingerprints(self.cfg, self.specs)
+
+    @property
+    def derived(self) -> dict[str, str]:
+        return derived_modalities(self.specs)
 
     @property
     def context(self) -> StageContext:
@@ -167,7 +173,7 @@ class Pipeline:
         return out, self.scan_stats
 
     def plan(self, scanned: list[dict], lineage: Lineage, dedup: bool = True) -> Plan:
-        return make_plan(scanned, lineage, self.fps, self.cfg, dedup=dedup)
+        return make_plan(scanned, lineage, self.fps, self.cfg, dedup=dedup, derived=self.derived)
 
     def process(self, plan: Plan | PlanRows, shards: Callable[[bool], dict | None] = lambda local: None,
                 log: Callable[[str], None] = lambda _: None, removed: frozenset[str] = frozenset()) -> Iterable[Batch]:
@@ -210,9 +216,10 @@ def _originals():
 
 def _scan_row(rec: SourceRecord) -> dict:
     d = rec.to_dict()
-    d["text"] = d["text"] or ""
-    d["image"], d["audio"] = d["image"] or "", d["audio"] or ""
-    d["image_ref"], d["audio_ref"] = d["image"], d["audio"]
+    for m in MODALITIES:   # uniform column types for Arrow: "" where absent
+        d[m] = d[m] or ""
+    for m in MEDIA:
+        d[f"{m}_ref"] = d[m]
     return d
 
 

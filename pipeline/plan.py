@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from core.config import Config, ConfigError, Resources, StageConfig
 from stages.base import MODALITIES, Stage
+from stages.modalities import MEDIA
 from stages.registry import resolve_stage
 
 
@@ -161,14 +162,14 @@ def scan_spec(cfg: Config) -> StageSpec:
 
 
 # What every row carries before any stage: the source record's fields and the planner's.
-PLANNER_COLUMNS = {"image_ref", "audio_ref", "sha_sample", "redo", "keep", "fp_all"}
+PLANNER_COLUMNS = {*(f"{m}_ref" for m in MEDIA), "sha_sample", "redo", "keep", "fp_all"}
 
 
 def check_columns(cfg: Config, specs: list[StageSpec]) -> None:
     """Each stage reads only columns that the source, the scan or an earlier stage writes."""
     from pipeline.sources import SourceRecord
 
-    have = set(SourceRecord.__dataclass_fields__) | PLANNER_COLUMNS | resolve_stage(cfg.source.scan_stage).columns("writes")
+    have = SourceRecord.columns() | PLANNER_COLUMNS | resolve_stage(cfg.source.scan_stage).columns("writes")
     for spec in specs:
         missing = spec.cls.columns("reads") - have
         if missing:
@@ -184,8 +185,28 @@ def fingerprints(cfg: Config, specs: list[StageSpec]) -> dict[str, str]:
     fps = {"sample": _h(shared, cfg.split.model_dump(), cfg.bad_modality, cfg.seed)}
     for m in MODALITIES:
         fps[m] = _h([s.fingerprint for s in specs if s.modality == m])
-    fps["all"] = _h(fps["sample"], *(fps[m] for m in MODALITIES))
+    # A modality added later (video) counts only where the config has stages for it, so the
+    # rejects of stores from before it keep their fingerprint.
+    fps["all"] = _h(fps["sample"], *(fps[m] for m in MODALITIES
+                                     if m in HASHED_ALWAYS or any(s.modality == m for s in specs)))
     return fps
+
+
+def derived_modalities(specs: list[StageSpec]) -> dict[str, str]:
+    """Modalities some stage makes from another (a clip's audio track -> ``audio``): target -> source."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        out.update(spec.cls.derives(spec.params) if spec.cls is not None else {})
+    return out
+
+
+def derive_hashes(rows: list[dict], derived: dict[str, str]) -> None:
+    """A row that lacks a derived modality but has its source gets the source's hash (tagged) as
+    that modality's: the planner then (re)computes it with its source and keeps it in lineage."""
+    for target, source in derived.items():
+        for r in rows:
+            if not r.get(f"sha_{target}") and r.get(f"sha_{source}"):
+                r[f"sha_{target}"] = f"{source}:{r[f'sha_{source}']}"
 
 
 def stable_split(key: str, train: float, val: float) -> str:
@@ -223,12 +244,21 @@ def _h_strings(*parts: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def assign_ids(scanned: list[dict], cfg: Config) -> None:
+# The modalities every sample hash and fingerprint names, present or not; one added later enters
+# them only where a row has it, so the ids and lineage of stores from before it stay the same.
+HASHED_ALWAYS = ("image", "text", "audio")
+
+
+def _content(r: dict, m: str) -> str:
+    return r.get(f"sha_{m}") or r.get(f"{m}_ref") or ""
+
+
+def assign_ids(scanned: list[dict], cfg: Config, derived: dict[str, str] | None = None) -> None:
     for r in scanned:
         if r.get("sha_sample"):   # assigned already (a streamed plan assigns when rows arrive)
             continue
-        parts = (r["sha_image"] or r.get("image_ref") or "", r["sha_text"],
-                 r["sha_audio"] or r.get("audio_ref") or "", r["label"])
+        parts = (*(_content(r, m) for m in HASHED_ALWAYS), r["label"],
+                 *(f"{m}:{_content(r, m)}" for m in MODALITIES if m not in HASHED_ALWAYS and _content(r, m)))
         r["sha_sample"] = _h_strings(*parts) if all(type(p) is str for p in parts) else _h(*parts)
         if not r["id"]:
             r["id"] = r["sha_sample"]
@@ -237,6 +267,7 @@ def assign_ids(scanned: list[dict], cfg: Config) -> None:
         elif r["split"] not in ("train", "val", "test"):
             r.update(reject_stage="ingest", reject_reason="bad_split",
                      reject_detail=f"split must be train, val or test, not {r['split']!r}")
+    derive_hashes(scanned, derived or {})
 
 
 def mark_content_duplicates(rows: list[dict]) -> None:
@@ -252,8 +283,10 @@ def mark_content_duplicates(rows: list[dict]) -> None:
             r.update(reject_stage="ingest", reject_reason="duplicate", reject_detail=kept)
 
 
-def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config, dedup: bool = True) -> Plan:
+def make_plan(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: Config, dedup: bool = True,
+              derived: dict[str, str] | None = None) -> Plan:
     """The whole plan of rows held in memory (one bucket of a streamed plan, or a small input)."""
+    assign_ids(scanned, cfg, derived)
     plan, candidates = plan_rows(scanned, lineage, fps, cfg, dedup)
     redo_ids = plan.processed_ids | plan.removed
     reexamine(plan, candidates, redo_ids.__contains__)
@@ -297,7 +330,7 @@ def plan_rows(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: C
         if redo != "full":
             partial.add(r["id"])
         # redo: modalities whose features are computed now; keep: taken from the stored row.
-        r["redo"] = ",".join(m for m in MODALITIES if m in changed and r[f"sha_{m}"])
+        r["redo"] = ",".join(m for m in MODALITIES if m in changed and r.get(f"sha_{m}"))
         r["keep"] = ",".join(m for m in MODALITIES if m not in changed)
         rows.append(r)
     input_ids = [r["id"] for r in scanned]
@@ -326,7 +359,7 @@ def reexamine(plan: Plan, candidates: list[dict], redone: Callable[[str], bool])
         if r["reject_reason"]:
             plan.rejects.append(r)
         else:
-            r["redo"] = ",".join(m for m in MODALITIES if r[f"sha_{m}"])
+            r["redo"] = ",".join(m for m in MODALITIES if r.get(f"sha_{m}"))
             r["keep"] = ""
             plan.rows.append(r)
         back.append(r)
@@ -345,4 +378,7 @@ def _redo(r: dict, lineage: Lineage, fps: dict[str, str]) -> str | set[str]:
     old = lineage.features.get(rid)
     if old is None or old["fp_sample"] != fps["sample"] or old["label"] != r["label"] or old["split"] != r["split"]:
         return "full"
-    return {m for m in MODALITIES if old[f"sha_{m}"] != r[f"sha_{m}"] or old[f"fp_{m}"] != fps[m]}
+    # A row without the modality is rewritten too when its stages change (its zeros take the new
+    # width); a stored row from before the modality existed (fingerprint null) is not.
+    return {m for m in MODALITIES if (old.get(f"sha_{m}") or "") != (r.get(f"sha_{m}") or "")
+            or old.get(f"fp_{m}") not in (None, fps[m])}

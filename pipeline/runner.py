@@ -149,7 +149,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = Fal
             log(f"Ray dashboard: http://{pipe.info['dashboard_url']}")
         store.recover()
         staging = store.local_dir("_staging", run_id)
-        planner = Planner(store, pipe.fps, cfg, run_id, staging / "plan", expected)
+        planner = Planner(store, pipe.fps, cfg, run_id, staging / "plan", expected, derived=pipe.derived)
         pipe.start_early(expected - store.count("features", pc.field("aug") == 0) - store.count("rejects"))
         with timed(phases, "scan", peaks):
             for scanned in pipe.scan_chunks(iter_source(cfg.source, cfg.execution.scan_chunk_rows)):

@@ -19,9 +19,9 @@ import numpy as np
 import typer
 
 from core.config import Config, ConfigError
-from stages.base import MODALITIES
+from stages.modalities import MODALITIES, REGISTRY
 
-QUERY_FLAGS = ("text", "image", "audio")
+QUERY_FLAGS = MODALITIES   # --text, --image, --audio, --video
 
 
 def query_vectors(table, model, modalities: list[str]) -> np.ndarray:
@@ -72,7 +72,7 @@ def _single_query(cfg: Config, flags: dict[str, Optional[str]], folder: Path) ->
     record: dict[str, Any] = {"id": "query"}
     roots = []
     for m, v in given.items():
-        if m == "text" or v.startswith(("http://", "https://")):
+        if REGISTRY[m].inline or v.startswith(("http://", "https://")):
             record[m] = v
             continue
         path = Path(v).expanduser().resolve()
@@ -113,13 +113,14 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
         on Ray Train); writes recall@k per modality pair."""
         from pipeline.execution import init_ray
         from training.align import align
-        from training.train import check_features, checked_modalities
+        from training.train import check_features, resolve_modalities
 
         cfg = config_loader(config, set_, store=store, ray__address=address)
         mods = cfg.align.modalities if modalities is None else [m.strip() for m in modalities.split(",") if m.strip()]
-        if len(checked_modalities(mods)) < 2:
-            raise ConfigError(f"alignment needs two modalities or more, got {', '.join(mods)}")
         check_features(cfg.store, cfg.training.features_version)
+        mods = resolve_modalities(cfg.store, mods, cfg.training.features_version)
+        if len(mods) < 2:
+            raise ConfigError(f"alignment needs two modalities or more, got {', '.join(mods)}")
         if cfg.training.engine == "ray":
             init_ray(cfg)
         result = align(cfg, cfg.store, modalities=mods, name=name)
@@ -140,6 +141,7 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
                    text: Optional[str] = typer.Option(None, "--text", help="A text query"),
                    image: Optional[str] = typer.Option(None, "--image", help="An image file (or http(s) URL) as the query"),
                    audio: Optional[str] = typer.Option(None, "--audio", help="An audio file (or http(s) URL) as the query"),
+                   video: Optional[str] = typer.Option(None, "--video", help="A video file (or http(s) URL) as the query"),
                    queries: Optional[str] = typer.Option(None, "--queries", help="A manifest of query records (as for run)"),
                    k: int = typer.Option(10, "--k", min=1, max=1000, help="Results per query"),
                    as_json: bool = typer.Option(False, "--json", help="One JSON line per query"),
@@ -147,11 +149,12 @@ def register(app: typer.Typer, config_loader: Callable) -> None:
         """Find stored samples of one modality from a text, image, audio or a manifest of queries."""
         if modality not in MODALITIES:
             raise ConfigError(f"--modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-        flags = {"text": text, "image": image, "audio": audio}
+        flags = {"text": text, "image": image, "audio": audio, "video": video}
+        named = ", ".join(f"--{m}" for m in QUERY_FLAGS)
         if queries is not None and any(v is not None for v in flags.values()):
-            raise ConfigError("--queries takes the queries from a manifest; drop --text / --image / --audio")
+            raise ConfigError(f"--queries takes the queries from a manifest; drop {named}")
         if queries is None and all(v is None for v in flags.values()):
-            raise ConfigError("give a query: --text, --image, --audio (one of each at most) or --queries MANIFEST")
+            raise ConfigError(f"give a query: {named} (one of each at most) or --queries MANIFEST")
         cfg = config_loader(config, set_, store=store, **({"source__path": queries} if queries else {}))
         with tempfile.TemporaryDirectory(prefix="mmpipe-query-") as folder:
             if queries is None:

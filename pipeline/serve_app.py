@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.util.metrics import Counter, Histogram, Metric
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.config import Config
 from pipeline.metrics import LATENCY_BOUNDARIES, MetricSpec
 from pipeline.sources import MAX_FIELD_CHARS
+from stages.modalities import MODALITIES
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "mmpipe"
@@ -102,15 +103,15 @@ def _metrics() -> dict[str, Metric]:
 
 
 # -- requests -------------------------------------------------------------------------------
-class RecordIn(BaseModel):
-    """One record of ``POST /predict``: media are http(s) URLs or ``data:`` URIs."""
-
+class RecordBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str | int | None = None
-    text: str | None = None
-    image: str | None = None
-    audio: str | None = None
+
+
+# One record of ``POST /predict``: an optional id and one optional string per modality (text
+# itself; media as http(s) URLs or ``data:`` URIs).
+RecordIn = create_model("RecordIn", __base__=RecordBase, **{m: (str | None, None) for m in MODALITIES})
 
 
 class PredictRequest(BaseModel):
@@ -122,7 +123,7 @@ class PredictRequest(BaseModel):
 class SearchRequest(PredictRequest):
     """``POST /search``: the query records, the modality to find, how many results per query."""
 
-    modality: Literal["image", "text", "audio"]
+    modality: Literal[MODALITIES]  # type: ignore[valid-type]
     k: int = Field(10, ge=1, le=1000)
 
 

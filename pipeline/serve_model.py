@@ -14,8 +14,7 @@ from urllib.parse import unquote_to_bytes
 from core.config import Config
 from pipeline.sources import SourceRecord
 from stages.base import Reject
-
-MEDIA = ("image", "audio")
+from stages.modalities import INLINE, MEDIA
 SCAN_STAGE = "ingest.scan"   # the stage that rejects what cannot be fetched; serving uses its codes
 
 
@@ -144,11 +143,12 @@ def source_records(records: list[dict], folder: Path, max_bytes: int) -> tuple[l
     cannot be used (``bad_record``)."""
     out, rejects = [], []
     for k, r in enumerate(records):
-        rec = SourceRecord(row=k, id=str(k), text=r["text"] if (r["text"] or "").strip() else None, base=str(folder))
+        rec = SourceRecord(row=k, id=str(k), values={m: r[m] for m in INLINE if (r.get(m) or "").strip()},
+                           base=str(folder))
         try:
             for m in MEDIA:
-                if r[m]:
-                    setattr(rec, m, media_ref(r[m], folder / f"{k}.{m}", max_bytes))
+                if r.get(m):
+                    rec.values[m] = media_ref(r[m], folder / f"{k}.{m}", max_bytes)
         except Reject as refused:
             rejects.append({"id": str(k), "stage": SCAN_STAGE, "reason": refused.reason,
                             "detail": f"{m}: {refused.detail}"})

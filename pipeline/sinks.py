@@ -13,7 +13,7 @@ import json
 import re
 import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from core.store import Store
 from pipeline.spill import Spill
 from stages.base import MODALITIES, STATS_COLUMN, Batch, StageStats, decode_stats, num_rows
 from stages.media import image_format
+from stages.modalities import REGISTRY
 
 ROW_GROUP_ROWS = 4096   # staged feature rows per Parquet row group
 HEAD_SAMPLES = 256      # the first samples of each shard, held and written richest first (ShardSink)
@@ -38,13 +39,11 @@ def sample_key(rid: str, aug: int) -> str:
     return key if aug == 0 else f"{key}_aug{aug}"
 
 
-# How each modality's value is stored in a shard: the member's extension, given the value.
-MEMBER_EXT: dict[str, Callable[[bytes | str], str]] = {
-    "image": image_format,          # jpg or png, as encoded
-    "text": lambda _: "txt",
-    "audio": lambda _: "flac",
-    "video": lambda _: "mp4",
-}
+def member_ext(m: str, value: bytes | str) -> str:
+    """How a modality's value is stored in a shard: the member's extension (an image's is its
+    encoding's, jpg or png)."""
+    members = REGISTRY[m].members
+    return members[0] if len(members) == 1 else image_format(value)
 
 
 def sample_record(batch: Batch, i: int, run_id: str) -> dict:
@@ -65,7 +64,10 @@ def sample_record(batch: Batch, i: int, run_id: str) -> dict:
     for m in MODALITIES:
         value = batch[m][i]
         if value is not None:
-            sample[MEMBER_EXT[m](value)] = value
+            sample[member_ext(m, value)] = value
+            for column, ext in REGISTRY[m].extras.items():
+                if column in batch and batch[column][i] is not None:
+                    sample[ext] = batch[column][i]
     return sample
 
 

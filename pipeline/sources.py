@@ -6,7 +6,7 @@ import glob
 import json
 import tarfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -15,11 +15,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.config import SourceConfig
+from stages.modalities import INLINE, MODALITIES, REGISTRY, modality_of_suffix
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
-TEXT_EXTS = {".txt"}
-MANIFEST_COLUMNS = {"id", "label", "split", "text", "image", "audio"}
+MANIFEST_COLUMNS = {"id", "label", "split", *MODALITIES}
 MAX_LINE_BYTES = 64 * 1024 * 1024   # a longer JSONL line is a bad_record, never read whole
 MAX_FIELD_CHARS = 64 * 1024          # id, label, split and media references (texts: cleanup.text's limit)
 
@@ -42,15 +40,22 @@ class SourceRecord:
     id: str = ""
     label: str = ""
     split: str = ""
-    text: str | None = None
-    image: str | None = None        # path relative to base, absolute path, URL, or "shard.tar#member"
-    audio: str | None = None
+    # modality -> its value: text itself, media as a path relative to base, an absolute path, an
+    # http(s) URL or "shard.tar#member"; an absent modality has no entry
+    values: dict[str, str] = field(default_factory=dict)
     base: str = ""                  # folder relative refs resolve against
     bad: str = ""                   # why the source's row is unusable (the scan rejects it: bad_record)
     extra: str = ""                 # the manifest's other columns, a JSON object (kept in meta.source)
 
     def to_dict(self) -> dict:
-        return dict(vars(self))   # every field is a str / int / None: no deep copy (asdict) needed
+        """The record as the scan's input row: one column per modality (None where absent)."""
+        out = {k: v for k, v in vars(self).items() if k != "values"}
+        out.update((m, self.values.get(m)) for m in MODALITIES)
+        return out
+
+    @classmethod
+    def columns(cls) -> set[str]:
+        return (set(cls.__dataclass_fields__) - {"values"}) | set(MODALITIES)
 
 
 def _clean(value) -> str | None:
@@ -140,25 +145,23 @@ def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:
     problem = next((f"{key} is a {type(row[key]).__name__}, not a string"
                     for key in MANIFEST_COLUMNS if isinstance(row.get(key), (dict, list, bool))), None)
     problem = problem or next((f"{key} is {len(str(row[key]))} characters, over {MAX_FIELD_CHARS}"
-                               for key in MANIFEST_COLUMNS - {"text"} if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
+                               for key in MANIFEST_COLUMNS - set(INLINE) if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
     problem = problem or (f"its other columns are {len(extra)} characters of JSON, over {MAX_FIELD_CHARS}"
                           if len(extra) > MAX_FIELD_CHARS else None)
     if problem:
         own = _clean(row.get("id")) if not isinstance(row.get("id"), (dict, list, bool)) else None
         return SourceRecord(row=n, id=own if own and len(own) <= MAX_FIELD_CHARS else f"manifest-row-{n + 1}",
                             base=base, bad=f"row {n + 1}: {problem}")
-    return SourceRecord(
-        row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
-        split=_clean(row.get("split")) or "", text=_clean(row.get("text")),
-        image=_clean(row.get("image")), audio=_clean(row.get("audio")), base=base, extra=extra)
+    values = {m: v for m in MODALITIES if (v := _clean(row.get(m))) is not None}
+    return SourceRecord(row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
+                        split=_clean(row.get("split")) or "", values=values, base=base, extra=extra)
 
 
 def read_folder(root: Path) -> list[SourceRecord]:
-    """``root/<label>/<stem>.{jpg,txt,wav,...}``: files sharing a stem are one record."""
+    """``root/<label>/<stem>.{jpg,txt,wav,mp4,...}``: files sharing a stem are one record."""
     groups: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        ext = path.suffix.lower()
-        kind = "image" if ext in IMAGE_EXTS else "audio" if ext in AUDIO_EXTS else "text" if ext in TEXT_EXTS else None
+        kind = modality_of_suffix(path.suffix)
         if kind is None:
             continue
         rel_dir = path.parent.relative_to(root)
@@ -167,13 +170,9 @@ def read_folder(root: Path) -> list[SourceRecord]:
     records = []
     for n, ((rel_dir, stem), files) in enumerate(sorted(groups.items())):
         label = "" if rel_dir == "." else Path(rel_dir).parts[-1]
-        text = None
-        if "text" in files:
-            text = files["text"].read_text(encoding="utf-8", errors="replace")
-        records.append(SourceRecord(
-            row=n, id="", label=label, text=text,
-            image=str(files["image"].relative_to(root)) if "image" in files else None,
-            audio=str(files["audio"].relative_to(root)) if "audio" in files else None, base=base))
+        values = {m: path.read_text(encoding="utf-8", errors="replace") if REGISTRY[m].inline
+                  else str(path.relative_to(root)) for m, path in files.items()}
+        records.append(SourceRecord(row=n, id="", label=label, values=values, base=base))
     return records
 
 
@@ -234,13 +233,11 @@ def read_webdataset(pattern: str) -> list[SourceRecord]:
                     for ext, m in files.items():
                         if m.size == 0:   # an empty member is an absent value (mmpipe's own .txt without a text)
                             continue
-                        ref = f"{Path(shard).resolve()}#{m.name}"
-                        if "." + ext in IMAGE_EXTS:
-                            rec.image = ref
-                        elif "." + ext in AUDIO_EXTS:
-                            rec.audio = ref
-                        elif ext in ("txt", "text"):
-                            rec.text = tar.extractfile(m).read().decode("utf-8", "replace")
+                        kind = modality_of_suffix(ext)
+                        if kind is not None and REGISTRY[kind].inline:
+                            rec.values[kind] = tar.extractfile(m).read().decode("utf-8", "replace")
+                        elif kind is not None:
+                            rec.values[kind] = f"{Path(shard).resolve()}#{m.name}"
                         elif ext in ("cls", "label"):
                             rec.label = tar.extractfile(m).read().decode().strip()
                         elif ext == "json":

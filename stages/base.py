@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")
+from stages.modalities import MODALITIES, REGISTRY  # noqa: F401  (re-exported: stages import it from here)
 Batch = dict[str, np.ndarray]
 
 # Columns every batch carries (see core/schema.py for the full row layout).
@@ -223,6 +223,13 @@ class Stage:
         themselves; a pretrained encoder runs as a CPU preprocessing stage and its model stage."""
         return [(cls.name, params, True)]
 
+    @classmethod
+    def derives(cls, params: dict[str, Any]) -> dict[str, str]:
+        """Modalities these parameters make the stage fill in from another (target -> source), as
+        cleanup.video gives a row without audio its clip's audio track. The planner then treats the
+        target as present wherever the source is (hashes, lineage, what is recomputed)."""
+        return {}
+
     # -- run hooks (class methods: one call per run, in the driver) -------------------------
     @classmethod
     def start_run(cls, scope: RunScope) -> None:
@@ -373,18 +380,38 @@ class ModalityCleaner(Stage):
         finally:
             _deadline = float("inf")
 
+    def derived(self, batch: Batch, i: int) -> bool:
+        """The row's value of this modality was made from another (meta ``<m>_from_<source>``)."""
+        return _derived_keys(json.loads(batch[META][i] or "{}"), str(self.modality))
+
     def bad_modality(self, batch: Batch, i: int, reason: str, detail: str) -> None:
-        if self.context.bad_modality != "drop_modality":
+        """Reject the row, or (``drop_modality``, or a value another modality's stage made, like a
+        clip's audio track: the clip stays good without it) drop the modality and keep the row."""
+        if self.context.bad_modality != "drop_modality" and not self.derived(batch, i):
             self.reject(batch, i, reason, detail)
             return
         m = self.modality
         batch[m][i] = None
+        for column in REGISTRY[m].extra_columns:
+            if column in batch:
+                batch[column][i] = None
         dropped = json.loads(batch[DROPPED][i] or "{}")
         dropped[m] = reason
         batch[DROPPED][i] = json.dumps(dropped, sort_keys=True)
         self.stats.count_reject(reason)
         if all(batch[other][i] is None for other in MODALITIES):
             self.reject(batch, i, "no_modality", f"every modality dropped: {dropped}")
+
+
+def _derived_keys(meta: dict[str, Any], m: str) -> bool:
+    return any(k.startswith(f"{m}_from_") and v for k, v in meta.items())
+
+
+def derived_modalities(batch: Batch, i: int) -> set[str]:
+    """The modalities of row ``i`` that a stage made from another (meta ``<m>_from_<source>``)."""
+    cells = batch.get(META)
+    meta = json.loads(cells[i] or "{}") if cells is not None else {}
+    return {m for m in MODALITIES if _derived_keys(meta, m)}
 
 
 def match_library_threads() -> None:

@@ -32,6 +32,7 @@ from urllib.robotparser import RobotFileParser
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stages.base import Reject, redact_urls
+from stages.modalities import MEDIA
 
 ALLOWED_SCHEMES = ("http", "https")
 # content types the decoder gets to judge; a missing header counts as octet-stream
@@ -44,7 +45,7 @@ FETCH_REASONS = {
     "http_timeout": "no connection, answer or body within timeout_s, on every attempt",
     "http_connection": "connection refused, reset or dropped, on every attempt",
     "http_too_large": "the body is larger than max_bytes",
-    "http_content_type": "the Content-Type is not image/* (audio/*) as expected",
+    "http_content_type": "the Content-Type is not the modality's (image/*, audio/*, video/*) as expected",
     "http_redirects": "more than max_redirects redirects",
     "url_blocked": "the host (or a redirect's) resolves to a loopback, private, link-local, shared, multicast, "
                    "reserved or unspecified address, not allowed by allow_private_networks / allow_hosts",
@@ -249,10 +250,11 @@ class Fetcher:
 
     # -- public API -------------------------------------------------------------------------
     def fetch(self, url: str, expect: str) -> FetchResult:
-        """GET ``url`` expecting an ``image`` or ``audio`` body; raise ``Reject`` on failure. A
-        reject's detail never shows credentials written into a URL (``user:password@``)."""
-        if expect not in ("image", "audio"):
-            raise ValueError(f"expect must be 'image' or 'audio', got {expect!r}")
+        """GET ``url`` expecting a body of media modality ``expect`` (``image``, ``audio``, ``video``:
+        its Content-Type's type); raise ``Reject`` on failure. A reject's detail never shows
+        credentials written into a URL (``user:password@``)."""
+        if expect not in MEDIA:
+            raise ValueError(f"expect must be one of {', '.join(MEDIA)}, got {expect!r}")
         try:
             return self._fetch(url, expect)
         except Reject as r:

@@ -14,9 +14,10 @@ import numpy as np
 
 from stages.base import MODALITIES, Batch, Reject, RunScope, Stage, StageParams, num_rows, object_column
 from stages.fetch import FETCH_REASONS, HttpConfig
+from stages.modalities import INLINE, MEDIA
 from stages.registry import register_stage
 
-MEDIA_REFS = ("image", "audio")
+MEDIA_REFS = MEDIA   # modalities the scan resolves and hashes as files or URLs (text is inline)
 
 
 def content_hash(data: bytes) -> str:
@@ -122,8 +123,8 @@ _HASH_CACHES: dict[str, HashCache] = {}   # run id -> the run's cache, in the pr
 
 
 # What the scan hands the planner per record (no media bytes).
-SCAN_COLUMNS = ("row", "id", "label", "split", "text", "image_ref", "audio_ref", "image_loc", "audio_loc",
-                "sha_image", "sha_text", "sha_audio", "reject_stage", "reject_reason", "reject_detail", "extra")
+SCAN_COLUMNS = ("row", "id", "label", "split", *INLINE, *(f"{m}_ref" for m in MEDIA), *(f"{m}_loc" for m in MEDIA),
+                *(f"sha_{m}" for m in MODALITIES), "reject_stage", "reject_reason", "reject_detail", "extra")
 
 
 @register_stage
@@ -134,11 +135,11 @@ class IngestScan(Stage):
     name = "ingest.scan"
     Params = ScanParams
     phase = "scan"
-    reads = ("text", "image", "audio", "base", "bad")
+    reads = (*MODALITIES, "base", "bad")
     writes = SCAN_COLUMNS
     reasons = {"bad_record": "the source's row could not be read: invalid JSON or CSV, not an object, a field of "
                              "the wrong type or too long (detail: the line); its id is made from the line",
-               "empty_record": "the record has no image, text or audio",
+               "empty_record": f"the record has no {', '.join(MODALITIES[:-1])} or {MODALITIES[-1]}",
                "missing_file": "a referenced file (or tar member) does not exist or cannot be read",
                "path_outside_root": "a path resolves outside the manifest's folder and source.roots",
                **FETCH_REASONS}
@@ -173,7 +174,7 @@ class IngestScan(Stage):
     def process(self, batch: Batch) -> Batch:
         n = num_rows(batch)
         out = {k: object_column(["" for _ in range(n)]) for k in
-               ("image_loc", "audio_loc", "sha_image", "sha_text", "sha_audio",
+               (*(f"{m}_loc" for m in MEDIA), *(f"sha_{m}" for m in MODALITIES),
                 "reject_stage", "reject_reason", "reject_detail")}
         urls = self._fetch_urls(batch)
         for i in range(n):
@@ -201,12 +202,13 @@ class IngestScan(Stage):
     def _scan_row(self, batch: Batch, out: Batch, i: int, urls: dict) -> None:
         if "bad" in batch and batch["bad"][i]:
             raise Reject("bad_record", str(batch["bad"][i]))
-        text = batch["text"][i]
+        inline = {m: batch[m][i] for m in INLINE}
         refs = {m: batch[m][i] for m in MEDIA_REFS}
-        if not text and not any(refs.values()):
-            raise Reject("empty_record", "no image, text or audio")
-        if text:
-            out["sha_text"][i] = content_hash(text.encode("utf-8", "surrogatepass"))
+        if not any(inline.values()) and not any(refs.values()):
+            raise Reject("empty_record", f"no {', '.join(MODALITIES)}")
+        for m, value in inline.items():
+            if value:
+                out[f"sha_{m}"][i] = content_hash(value.encode("utf-8", "surrogatepass"))
         for m, ref in refs.items():
             if not ref:
                 continue
@@ -270,8 +272,8 @@ class IngestLoad(Stage):
     """Pass 2: load the bytes the scan resolved, and lay out the columns later stages expect."""
 
     name = "ingest"
-    reads = ("image_loc", "audio_loc", "sha_image", "sha_audio", "text")
-    writes = ("image", "text", "audio", "aug", "meta", "dropped", "aug_params", "dedup_sig",
+    reads = (*(f"{m}_loc" for m in MEDIA), *(f"sha_{m}" for m in MEDIA), *INLINE)
+    writes = (*MODALITIES, "aug", "meta", "dropped", "aug_params", "dedup_sig",
               "reject_stage", "reject_reason", "reject_detail")
     reasons = {"missing_file": "a file scanned in pass 1 was gone when the processing pass read it",
                "changed_during_run": "a file's content changed between the scan and the processing pass",
@@ -309,8 +311,9 @@ class IngestLoad(Stage):
                 values.append(data)
             batch[m] = object_column(values)
         # The scan carries an absent text as "" (uniform column types); stages expect None.
-        texts = batch.get("text", object_column([None] * n))
-        batch["text"] = object_column([t if isinstance(t, str) and t != "" else None for t in texts])
+        for m in INLINE:
+            texts = batch.get(m, object_column([None] * n))
+            batch[m] = object_column([t if isinstance(t, str) and t != "" else None for t in texts])
         for m in MODALITIES:
             batch.setdefault(m, object_column([None] * n))
         return batch

@@ -31,7 +31,7 @@ from core.config import AlignConfig, Config, ConfigError, TrainingConfig
 from training.data import LABEL, Arrays, iterate, model_inputs, to_arrays, to_tensors
 from training.loop import Collective, TorchCollective, lr_factor, seed_everything
 from training.stream import READ_ROWS, Snapshot, SplitRows, discover_dims, open_snapshot
-from training.train import _cpus_per_worker, _stage_fingerprints, check_features, checked_modalities, prepare_run
+from training.train import _cpus_per_worker, _stage_fingerprints, check_features, prepare_run, resolve_modalities
 
 LOCAL_MAX_ROWS = 200_000   # the local engine holds the train and val pairs in memory
 RECALL_AT = (1, 5, 10)
@@ -432,10 +432,10 @@ def load_aligner(model_dir: str | Path) -> tuple[AlignModel, dict[str, Any]]:
 def align(cfg: Config, store: str, *, modalities: list[str] | None = None, name: str | None = None) -> AlignResult:
     """Train the heads on ``<store>/features`` and write ``<store>/models/<name>/``."""
     ac, tc = cfg.align, cfg.training
-    modalities = checked_modalities(modalities or ac.modalities)
+    check_features(store, tc.features_version)
+    modalities = resolve_modalities(store, modalities or ac.modalities, tc.features_version)
     if len(modalities) < 2:
         raise ConfigError(f"alignment needs two modalities or more, got {', '.join(modalities)}")
-    check_features(store, tc.features_version)
     name = name or ac.name or f"align-{'+'.join(modalities)}"
     summary = summarize_pairs(open_snapshot(store, tc.features_version), modalities)
     spec = AlignSpec(modalities, summary.dims, ac.dim, ac.hidden, ac.dropout, ac.temperature)

@@ -6,15 +6,16 @@ from pathlib import Path
 
 from core.config import Config
 from training.fusion import FUSIONS, check_fusion
-from training.train import check_features, checked_modalities, default_name, train
+from training.train import check_features, checked_modalities, default_name, resolve_modalities, train
 
 
 def comparison_runs(cfg: Config, store: str, fusions: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """The (fusion, modalities) pairs ``compare`` trains, checked before any of them starts: an
     unknown fusion or modality, or a store without features, is a ``ConfigError``."""
     fusions = [check_fusion(f) for f in (fusions or sorted(FUSIONS))]
-    modalities = checked_modalities(cfg.training.modalities)
+    modalities = checked_modalities(cfg.training.modalities or []) if cfg.training.modalities else None
     check_features(store, cfg.training.features_version)
+    modalities = resolve_modalities(store, modalities, cfg.training.features_version)
     runs = [(f, modalities) for f in fusions]
     return runs + ([("concat", [m]) for m in modalities] if len(modalities) > 1 else [])
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from core.config import Config, ConfigError, TrainingConfig
+from stages.modalities import MODALITIES
 from training.data import LABEL, Arrays, TrainingData, check_modalities, shuffled, to_tensors
 from training.evaluate import (ModalityWeights, StreamingMetrics, plot_confusion, plot_curves, plot_modality_weights,
                                write_metrics)
@@ -280,13 +281,36 @@ def check_features(store: str, version: int | None = None) -> None:
         raise ConfigError(f"no features table at {st.features_uri}; run `mmpipe run` first")
 
 
-def check_request(store: str, fusion: str, modalities: list[str], version: int | None = None) -> list[str]:
+def stored_modalities(store: str, version: int | None = None) -> list[str]:
+    """The modalities some row of the features table has (counted by the reader, one small column each)."""
+    import pyarrow.compute as pc
+
+    from core.store import Store
+
+    ds = Store(store).dataset("features", version)
+    if ds is None:
+        return []
+    return [m for m in MODALITIES if ds.count_rows(filter=pc.field(f"has_{m}") == True) > 0]  # noqa: E712
+
+
+def resolve_modalities(store: str, modalities: list[str] | None, version: int | None = None) -> list[str]:
+    """The modalities asked for in canonical order, or (None) every modality the store holds."""
+    if modalities is None:
+        check_features(store, version)
+        modalities = stored_modalities(store, version)
+        if not modalities:
+            raise ConfigError(f"the features table of {store} holds no modality's features")
+    return checked_modalities(modalities)
+
+
+def check_request(store: str, fusion: str, modalities: list[str] | None, version: int | None = None) -> list[str]:
     """What the user asked for, checked before any data is read or Ray starts (``ConfigError``);
-    returns the modalities in canonical order."""
+    returns the modalities in canonical order (None: the store's)."""
     check_fusion(fusion)
-    modalities = checked_modalities(modalities)
+    if modalities is not None:
+        checked_modalities(modalities)
     check_features(store, version)
-    return modalities
+    return resolve_modalities(store, modalities, version)
 
 
 def prepare_run(store: str, name: str) -> tuple[Path, str]:

@@ -125,7 +125,7 @@ def test_the_stages_meaning_orders_them_where_the_yaml_does_not(tmp_path):
     ({"acme": {"uses": "acme_filters:MinWords", "params": {"min_wrods": 3}}}, "bad parameters for stage acme.min_words"),
     ({"acme": {"uses": "acme_filters:MinWords", "colour": "red"}}, "unknown config key 'stages.acme.colour'"),
     ({"acme": {"uses": "acme_filters:MinWords", "before": "nothing"}}, "no stage 'nothing'"),
-    ({"cleanup": {"video": {}}}, "unknown config key 'stages.cleanup.video'"),
+    ({"cleanup": {"smell": {}}}, "unknown config key 'stages.cleanup.smell'"),
     ({"features": {"text": {"encoder": "nosuch"}}}, "stages.features.text"),
     ({"features": {"text": {}}}, "needs an encoder"),
     # reads a column that only a later stage writes: caught before any row moves

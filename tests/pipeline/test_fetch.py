@@ -153,7 +153,7 @@ def test_fetch_many_keeps_order(http_server):
 
 def test_expect_must_be_a_media_kind(fetcher):
     with pytest.raises(ValueError):
-        fetcher.fetch("http://127.0.0.1/x", "video")
+        fetcher.fetch("http://127.0.0.1/x", "text")
 
 
 def test_fetch_many_reuses_its_threads(http_server):

@@ -135,8 +135,8 @@ def test_store_shards_read_with_webdataset_ray_data_and_mmpipe(interop):
     assert len(records) == len(interop.feats)
     for (rid, aug), feat in interop.feats.items():
         rec = records[sample_key(rid, aug)]
-        assert (rec.text is not None, rec.image is not None, rec.audio is not None) == \
-               (feat["has_text"], feat["has_image"], feat["has_audio"])
+        assert {m: m in rec.values for m in ("text", "image", "audio")} == \
+               {m: feat[f"has_{m}"] for m in ("text", "image", "audio")}
         assert rec.label == feat["label"]
 
 

@@ -17,7 +17,7 @@ from core.config import Config
 from pipeline.plan import Lineage, Plan, assign_ids, make_plan, stable_split
 
 CFG = Config()
-FPS = {"sample": "fp-s1", "image": "fp-i1", "text": "fp-t1", "audio": "fp-a1", "all": "fp-all1"}
+FPS = {"sample": "fp-s1", "image": "fp-i1", "text": "fp-t1", "audio": "fp-a1", "video": "fp-v1", "all": "fp-all1"}
 
 
 def fps(**changed: str) -> dict[str, str]:
@@ -40,6 +40,7 @@ def scan(id: str, *, label: str = "cat", split: str | None = "train", image: str
         "image_ref": f"{image}.jpg" if image else "", "audio_ref": f"{audio}.wav" if audio else "",
         "image_loc": f"/data/{image}.jpg" if image else "", "audio_loc": f"/data/{audio}.wav" if audio else "",
         "sha_image": media["image"], "sha_text": text, "sha_audio": media["audio"],
+        "video_ref": "", "video_loc": "", "sha_video": "",
         "reject_stage": "ingest.scan" if reason else "", "reject_reason": reason,
         "reject_detail": f"scan said {reason}" if reason else "",
     }
@@ -56,8 +57,8 @@ def feat(id: str, *, label: str = "cat", split: str = "train", image: str = "", 
          fp: dict[str, str] = FPS) -> tuple[str, str, dict]:
     """A stored aug-0 feature row, made under fingerprints ``fp``."""
     return "features", id, {"id": id, "aug": 0, "label": label, "split": split,
-                            "sha_image": image, "sha_text": text, "sha_audio": audio,
-                            "fp_image": fp["image"], "fp_text": fp["text"], "fp_audio": fp["audio"],
+                            "sha_image": image, "sha_text": text, "sha_audio": audio, "sha_video": "",
+                            "fp_image": fp["image"], "fp_text": fp["text"], "fp_audio": fp["audio"], "fp_video": fp["video"],
                             "fp_sample": fp["sample"]}
 
 
@@ -82,8 +83,8 @@ def lineage(*entries: tuple[str, str, dict]) -> Lineage:
 
 
 def R(redo: str, keep: str = "", **fields) -> dict:
-    """An expected row of ``plan.rows``."""
-    return {"redo": redo, "keep": keep, **fields}
+    """An expected row of ``plan.rows``; a partial row keeps video too (no row here has one)."""
+    return {"redo": redo, "keep": f"{keep},video" if keep else "", **fields}
 
 
 def X(reason: str, detail: str | None = None) -> dict:

@@ -86,7 +86,7 @@ def test_a_manifest_of_queries_reports_bad_records_as_rejects(aligned, tmp_path)
 def test_search_user_errors_are_one_line(aligned):
     folder, _, store, model = aligned
     for argv, message in [
-        (["--model", str(model), "--modality", "video", "--text", "x"], "--modality must be one of"),
+        (["--model", str(model), "--modality", "smell", "--text", "x"], "--modality must be one of"),
         (["--model", str(model), "--modality", "image"], "give a query"),
         (["--model", str(model), "--modality", "image", "--text", "x", "--queries", "q.jsonl"], "--queries takes the"),
         (["--model", str(model), "--modality", "image", "--image", "nope.jpg"], "--image: no such file"),

@@ -157,7 +157,8 @@ def test_parse_request_refuses_what_a_client_got_wrong_with_a_reason():
         assert (caught.value.status, caught.value.code) == (code, error), raw[:40]
         assert caught.value.detail
     assert parse_request(b'{"records": [{"text": "a"}, {"id": 7, "text": "b"}]}', 8) == [
-        {"id": "0", "text": "a", "image": None, "audio": None}, {"id": 7, "text": "b", "image": None, "audio": None}]
+        {"id": "0", "text": "a", "image": None, "audio": None, "video": None},
+        {"id": 7, "text": "b", "image": None, "audio": None, "video": None}]
 
 
 def test_media_refs_are_urls_or_decoded_data_uris_never_server_paths(tmp_path):
@@ -330,7 +331,8 @@ def test_search_answers_as_mmpipe_search_does(service, trained, tmp_path):
     assert [r["id"] for r in hit["results"]] == [r["id"] for r in expected["results"]]
     assert np.allclose([r["score"] for r in hit["results"]], [r["score"] for r in expected["results"]], atol=1e-5)
     assert [(r["id"], r["reason"]) for r in answer["rejects"]] == [("inside", "url_blocked")]
-    for bad, status, error in [({"records": [{"text": "x"}], "modality": "video"}, 422, "invalid_request"),
+    for bad, status, error in [({"records": [{"text": "x"}], "modality": "smell"}, 422, "invalid_request"),
+                               ({"records": [{"text": "x"}], "modality": "video"}, 422, "modality_not_aligned"),
                                ({"records": [{"text": "x"}], "modality": "image", "k": 0}, 422, "invalid_request"),
                                (b"{not json", 400, "invalid_json")]:
         code, answer = service.post(bad, path="/search")

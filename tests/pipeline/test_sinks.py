@@ -17,6 +17,7 @@ from pipeline import sinks
 from pipeline.sinks import RunSink, write_block_shards
 from core.store import Store
 from tests.pipeline.helpers import shard_members
+from stages.modalities import MODALITIES
 from tests.stages.helpers import make_batch
 
 
@@ -65,7 +66,7 @@ def test_a_chain_that_drops_media_returns_the_same_features_without_them():
     assert dropped["has_text"].tolist() == [True] * 6 + [False]
     np.testing.assert_array_equal(dropped["text_emb"], kept["text_emb"])
     assert np.abs(kept["text_emb"][:6]).sum(axis=1).min() > 0   # real features, not zeros
-    assert set(dropped) == set(kept) | {"has_image", "has_text", "has_audio"}
+    assert set(dropped) == set(kept) | {f"has_{m}" for m in MODALITIES}
 
 
 @pytest.mark.parametrize("writer, local_store, remote, actors", [
@@ -101,7 +102,7 @@ def test_staged_features_are_written_in_row_groups_and_none_is_lost(tmp_path, mo
     writes); the rows left over at the end are written when the sink closes."""
     monkeypatch.setattr(sinks, "ROW_GROUP_ROWS", 10)
     store = Store(str(tmp_path / "store"))
-    fps = {k: "fp" for k in ("image", "text", "audio", "sample", "all")}
+    fps = {k: "fp" for k in (*MODALITIES, "sample", "all")}
     sink = RunSink(store, "r1", fps, tmp_path, shard_max=100)
     for k, part in enumerate(block(10) + block(10)):   # batches of 6, 4, 6, 4 rows; one rejected per block
         sink.add(dict(part, id=np.array([f"{k}-{i}" for i in part["id"]], dtype=object)))
