@@ -7,12 +7,15 @@ the processing pass, or an in-process ``DedupIndex`` when the stages run in the 
 answers per row: ``None`` (kept and registered) or the kept id the row duplicates. Matching rules:
 
 - exact, per key listed in ``Params.exact``: ``sample`` (every present modality equal and the same
-  modalities present) or one modality alone (``image``, ``text``, ``audio``), on hashes of the
-  cleaned content;
+  modalities present) or one modality alone (``image``, ``text``, ``audio``, ``video``), on hashes
+  of the cleaned content;
 - near, at sample level: same modalities present, and each one close to the same kept row's:
   image by perceptual hash (Hamming distance <= ``phash_threshold``), text by MinHash Jaccard over
   word shingles (>= ``minhash_threshold``, among the candidates of datasketch's LSH banding; texts
-  shorter than ``min_shingles`` only match exactly), audio exactly.
+  shorter than ``min_shingles`` only match exactly), video by the perceptual hashes of
+  ``VIDEO_HASHES`` frames evenly spread over the clip (mean Hamming distance <=
+  ``video_phash_threshold``: the same clip re-encoded, rescaled or recoloured, not a sub-clip),
+  audio exactly.
 
 The first row seen wins: rows already in the store before this run's rows.
 
@@ -34,17 +37,18 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import ray
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from stages.base import (MODALITIES, REDO, Batch, RunScope, Stage, StageParams, fingerprint_of, live_rows, num_rows,
-                         object_column)
+from stages.base import (MODALITIES, REDO, Batch, RunScope, Stage, StageParams, derived_modalities, fingerprint_of,
+                         live_rows, num_rows, object_column)
 from stages.media import decode_image
+from stages.video import FRAMES, frames_from_bytes
 from stages.registry import register_stage
 
 SIG = "dedup_sig"
@@ -55,6 +59,7 @@ RUN_SEQ = 1 << 40              # this run's rows register after every stored row
 SEED_CHUNK = 8192              # stored signatures parsed and added at a time
 COMPACT_MIN = 1 << 16          # replaced or removed rows a shard carries before it compacts
 QUERY_GROUP = 128              # rows of a block matched at a time
+VIDEO_HASHES = 4               # frames of a clip (evenly spread) whose perceptual hashes are its near-dup key
 
 Checker = Callable[[list["Signature"]], list[str | None]]
 
@@ -64,9 +69,11 @@ def index_name(run_id: str) -> str:
 
 
 class DedupParams(StageParams):
-    exact: list[Literal["sample", "image", "text", "audio"]] = ["sample"]
+    exact: list[str] = ["sample"]        # "sample" and / or modalities
     image_phash: bool = True
     phash_threshold: int = Field(6, ge=0, le=64)
+    video_phash: bool = True             # near-duplicate clips by frame perceptual hashes (else exact only)
+    video_phash_threshold: int = Field(8, ge=0, le=64)   # mean Hamming distance over the VIDEO_HASHES frames
     text_minhash: bool = True
     minhash_threshold: float = Field(0.8, gt=0, le=1)
     num_perm: int = Field(128, ge=16)
@@ -77,6 +84,22 @@ class DedupParams(StageParams):
 
     # How the index spreads over actors changes no verdict: left out of the stage fingerprint.
     RUNTIME_ONLY: ClassVar[frozenset[str]] = frozenset({"rows_per_shard", "shards"})
+    # Added after stores were written: at their defaults they leave the fingerprint (and so every
+    # stored row's lineage) as it was; a changed value changes it.
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"video_phash", "video_phash_threshold"})
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        defaults = type(self)()
+        later = {k for k in self.ADDED_LATER if getattr(self, k) == getattr(defaults, k)}
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_ONLY) | later)
+
+    @field_validator("exact")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        unknown = [k for k in keys if k not in _KEYS]
+        if unknown:
+            raise ValueError(f"exact: unknown key(s) {unknown}; use sample or a modality ({', '.join(MODALITIES)})")
+        return keys
 
 
 # -- signatures -----------------------------------------------------------------------------
@@ -88,6 +111,7 @@ class Signature:
     sha: dict[str, str]                       # modality -> hash of cleaned content, plus "sample"
     image_phash: str | None = None            # 64-bit perceptual hash, hex
     text_minhash: list[int] | None = None     # num_perm MinHash values
+    video_phash: list[str] | None = None      # VIDEO_HASHES frames' 64-bit perceptual hashes, hex
 
     @property
     def modalities(self) -> frozenset[str]:
@@ -100,6 +124,8 @@ class Signature:
             out["image_phash"] = self.image_phash
         if self.text_minhash is not None:
             out["text_minhash"] = base64.b64encode(np.asarray(self.text_minhash, "<u4").tobytes()).decode()
+        if self.video_phash is not None:
+            out["video_phash"] = self.video_phash
         return json.dumps(out, sort_keys=True)
 
     @classmethod
@@ -108,7 +134,7 @@ class Signature:
         minhash = _minhash_values(d.get("text_minhash"))
         if isinstance(minhash, np.ndarray):
             minhash = minhash.tolist()
-        return cls(row_id, d["sha"], d.get("image_phash"), minhash)
+        return cls(row_id, d["sha"], d.get("image_phash"), minhash, d.get("video_phash"))
 
 
 def _minhash_values(stored: str | list[int] | None) -> np.ndarray | list[int] | None:
@@ -124,6 +150,17 @@ def image_phash(data: bytes) -> str:
     import imagehash   # here, like datasketch below: they pull in scipy, which the driver never needs
 
     return str(imagehash.phash(Image.fromarray(decode_image(data))))
+
+
+def video_phash(frames: bytes) -> list[str]:
+    """Perceptual hashes of VIDEO_HASHES frames evenly spread over a clip's sampled frames."""
+    import imagehash
+
+    pictures = frames_from_bytes(frames)
+    if pictures.ndim != 4 or not len(pictures):
+        raise ValueError(f"video frames of shape {pictures.shape}, expected (frames, height, width, 3)")
+    picks = np.linspace(0, len(pictures) - 1, VIDEO_HASHES).round().astype(int)
+    return [str(imagehash.phash(Image.fromarray(pictures[k]))) for k in picks]
 
 
 def shingles(text: str, k: int) -> set[str]:
@@ -151,14 +188,16 @@ def text_minhash(text: str, p: DedupParams) -> list[int] | None:
     return m.hashvalues.tolist()
 
 
-def signature_of(row_id: str, media: dict[str, Any], p: DedupParams) -> Signature:
-    """Signature of one row from its cleaned media (modality -> value, None where absent)."""
+def signature_of(row_id: str, media: dict[str, Any], p: DedupParams, frames: bytes | None = None) -> Signature:
+    """Signature of one row from its cleaned media (modality -> value, None where absent) and its
+    clip's sampled frames."""
     present = {m: v for m, v in media.items() if v is not None}
     sha = {m: _sha(v) for m, v in present.items()}
     sha["sample"] = _sha(json.dumps(sha, sort_keys=True))
     phash = image_phash(present["image"]) if p.image_phash and "image" in present else None
     mh = text_minhash(present["text"], p) if p.text_minhash and "text" in present else None
-    return Signature(row_id, sha, phash, mh)
+    vph = video_phash(frames) if p.video_phash and "video" in present and frames is not None else None
+    return Signature(row_id, sha, phash, mh, vph)
 
 
 # -- signatures in arrays -------------------------------------------------------------------
@@ -195,12 +234,14 @@ class _Block:
     minhash: np.ndarray               # (n, num_perm) uint32
     has_minhash: np.ndarray           # bool: any MinHash (then the row looks for near duplicates)
     minhash_ok: np.ndarray            # bool: a MinHash of the index's num_perm, comparable
+    vphash: np.ndarray                # (n, VIDEO_HASHES) uint64
+    has_vphash: np.ndarray            # bool
 
     @classmethod
     def of(cls, sigs: list[Signature], num_perm: int) -> "_Block":
         block = cls.empty([s.id for s in sigs], num_perm)
         for i, s in enumerate(sigs):
-            block._fill(i, s.sha, s.image_phash, s.text_minhash)
+            block._fill(i, s.sha, s.image_phash, s.text_minhash, s.video_phash)
         return block
 
     @classmethod
@@ -209,7 +250,7 @@ class _Block:
         block = cls.empty(ids, num_perm)
         for i, text in enumerate(texts):
             d = json.loads(text)
-            block._fill(i, d["sha"], d.get("image_phash"), _minhash_values(d.get("text_minhash")))
+            block._fill(i, d["sha"], d.get("image_phash"), _minhash_values(d.get("text_minhash")), d.get("video_phash"))
         return block
 
     @classmethod
@@ -218,9 +259,9 @@ class _Block:
         return cls(ids, np.array([_hash64(i) for i in ids], np.uint64), np.zeros(n, np.uint8),
                    {k: np.zeros((n, 2), np.uint64) for k in _KEYS}, {k: np.zeros(n, bool) for k in _KEYS},
                    np.zeros(n, np.uint64), np.zeros(n, bool), np.zeros((n, num_perm), np.uint32), np.zeros(n, bool),
-                   np.zeros(n, bool))
+                   np.zeros(n, bool), np.zeros((n, VIDEO_HASHES), np.uint64), np.zeros(n, bool))
 
-    def _fill(self, i: int, sha: dict[str, str], phash: str | None, minhash: Any) -> None:
+    def _fill(self, i: int, sha: dict[str, str], phash: str | None, minhash: Any, vphash: list[str] | None) -> None:
         for key, h in sha.items():
             if key in self.sha:
                 self.sha[key][i], self.has_sha[key][i] = _hash128(h), True
@@ -231,6 +272,8 @@ class _Block:
             self.has_minhash[i] = True
             if len(minhash) == self.minhash.shape[1]:
                 self.minhash[i], self.minhash_ok[i] = minhash, True
+        if vphash is not None and len(vphash) == VIDEO_HASHES:
+            self.vphash[i], self.has_vphash[i] = [int(h, 16) for h in vphash], True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -238,11 +281,12 @@ class _Block:
     def __getitem__(self, rows: slice) -> "_Block":
         return _Block(self.ids[rows], self.id_hash[rows], self.mask[rows], {k: v[rows] for k, v in self.sha.items()},
                       {k: v[rows] for k, v in self.has_sha.items()}, self.phash[rows], self.has_phash[rows],
-                      self.minhash[rows], self.has_minhash[rows], self.minhash_ok[rows])
+                      self.minhash[rows], self.has_minhash[rows], self.minhash_ok[rows], self.vphash[rows],
+                      self.has_vphash[rows])
 
     @property
     def near(self) -> np.ndarray:
-        return self.has_phash | self.has_minhash
+        return self.has_phash | self.has_minhash | self.has_vphash
 
 
 def _packed(sigs: list[Signature] | _Block, p: DedupParams) -> _Block:
@@ -522,8 +566,8 @@ def _sha_keys(p: DedupParams) -> set[str]:
     """The content hashes an index looks up: the exact keys and, for near matching, every modality
     that may be compared exactly (audio; text too short for a MinHash; images when pHash is off)."""
     keys = set(p.exact)
-    if p.image_phash or p.text_minhash:
-        keys |= {"text", "audio"} | (set() if p.image_phash else {"image"})
+    if p.image_phash or p.text_minhash or p.video_phash:
+        keys |= {"text", "audio"} | (set() if p.image_phash else {"image"}) | (set() if p.video_phash else {"video"})
     return keys
 
 
@@ -547,6 +591,7 @@ class _Shard:
         self.alive = _Column(bool)
         self.mask = _Column(np.uint8)
         self.phash, self.has_phash = _Column(np.uint64), _Column(bool)
+        self.vphash, self.has_vphash = _Column(np.uint64, VIDEO_HASHES), _Column(bool)
         self.ids = _Strings()
         self.by_id = _KeyIndex(np.uint64)
         self.by_sha = {key: _KeyIndex(np.uint64, aux=True) for key in sorted(_sha_keys(p))}
@@ -557,7 +602,7 @@ class _Shard:
         return self.seq.n - self.dead
 
     def nbytes(self) -> int:
-        arrays = (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.ids, self.by_id,
+        arrays = (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash, self.ids, self.by_id,
                   *self.by_sha.values(), *([self.text] if self.text else []))
         return sum(a.nbytes for a in arrays)
 
@@ -577,8 +622,8 @@ class _Shard:
         for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
             index.flush()
         self._drop_repeated_ids()
-        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.ids,
-                       *([self.text] if self.text else [])):
+        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash,
+                       self.ids, *([self.text] if self.text else [])):
             column.trim()
         return self.size()
 
@@ -639,10 +684,13 @@ class _Shard:
         need = np.zeros(len(q), np.int64)
         sets: list[np.ndarray] = []
         by_phash = np.zeros(len(q), bool)
+        by_vphash = np.zeros(len(q), bool)
         for m in MODALITIES:
             has = q.near & ((q.mask & _BIT[m]) > 0)
             if m == "image":
                 by_phash, has = has & q.has_phash, has & ~q.has_phash
+            elif m == "video":
+                by_vphash, has = has & q.has_vphash, has & ~q.has_vphash
             elif m == "text" and self.text is not None:
                 banded, has = has & q.has_minhash, has & ~q.has_minhash
                 need += banded
@@ -653,12 +701,19 @@ class _Shard:
                     sets.append(_pack(*self.by_sha[m].lookup(q.sha[m][:, 0], np.flatnonzero(has), q.sha[m][:, 1])))
         codes, counts = np.unique(_cat(sets), return_counts=True)
         qi, rows = _unpack(codes[counts == need[codes >> 32]])
-        check = by_phash[qi]
         close = np.ones(len(qi), bool)
+        check = by_phash[qi]
         close[check] = self._phash_close(q.phash[qi[check]], rows[check])
+        check = by_vphash[qi]
+        close[check] &= self._vphash_close(q.vphash[qi[check]], rows[check])
         found = [_pack(qi[close], rows[close])]
-        for i in np.flatnonzero(by_phash & (need == 0)):
-            hits = np.flatnonzero(self._phash_close(q.phash[i], slice(None)))
+        for i in np.flatnonzero((by_phash | by_vphash) & (need == 0)):   # only perceptual keys: every row
+            hit = np.ones(self.seq.n, bool)
+            if by_phash[i]:
+                hit &= self._phash_close(q.phash[i], slice(None))
+            if by_vphash[i]:
+                hit &= self._vphash_close(q.vphash[i], slice(None))
+            hits = np.flatnonzero(hit)
             found.append(_pack(np.full(len(hits), i), hits))
         qi, rows = _unpack(_cat(found))
         same = self.mask.data[rows] == q.mask[qi]
@@ -667,6 +722,10 @@ class _Shard:
     def _phash_close(self, codes: np.ndarray, rows: Any) -> np.ndarray:
         distance = np.bitwise_count(self.phash.data[rows] ^ codes)
         return self.has_phash.data[rows] & (distance <= self.params.phash_threshold)
+
+    def _vphash_close(self, codes: np.ndarray, rows: Any) -> np.ndarray:
+        distance = np.bitwise_count(self.vphash.data[rows] ^ codes).mean(axis=-1)
+        return self.has_vphash.data[rows] & (distance <= self.params.video_phash_threshold)
 
     # -- registering ----------------------------------------------------------------------------
     def commit(self, q: _Block, keep: np.ndarray, seq0: int) -> None:
@@ -701,6 +760,8 @@ class _Shard:
         self.mask.extend(q.mask[which])
         self.phash.extend(q.phash[which])
         self.has_phash.extend(q.has_phash[which])
+        self.vphash.extend(q.vphash[which])
+        self.has_vphash.extend(q.has_vphash[which])
         self.ids.extend([q.ids[i] for i in which])
         self.by_id.insert(q.id_hash[which], rows, wait=wait)
         for key, index in self.by_sha.items():
@@ -714,7 +775,7 @@ class _Shard:
         """Drop the dead rows, renumbering the others."""
         keep = self.alive.data.copy()
         remap = np.cumsum(keep) - 1
-        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash):
+        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash):
             column.keep(keep)
         self.ids.keep(keep)
         for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
@@ -970,11 +1031,11 @@ class Dedup(Stage):
     whole_block = True   # one round trip to the run's index actor per block, not per stage batch
     inference = False    # every record to predict gets an answer
     runs_after = ("cleanup.",)   # signatures of the cleaned content
-    reads = ("id", "image", "text", "audio", REDO, AUG)
+    reads = ("id", *MODALITIES, REDO, AUG)   # and the clips' sampled frames (FRAMES) where a video cleanup wrote them
     writes = (SIG,)
     reasons = {"duplicate": "an exact or near duplicate of a row kept earlier, in the store or this run "
                             "(detail: the kept id)",
-               "dedup_error": "the cleaned image could not be decoded for its perceptual hash"}
+               "dedup_error": "the cleaned image or clip frames could not be decoded for their perceptual hashes"}
 
     def __init__(self, params: DedupParams | dict | None = None, context=None):
         super().__init__(params, context)
@@ -987,7 +1048,7 @@ class Dedup(Stage):
     @classmethod
     def fingerprint(cls, params: StageParams | dict | None = None) -> str:
         p = params if isinstance(params, DedupParams) else DedupParams.model_validate(params or {})
-        return fingerprint_of(cls.name, cls.version, p.model_dump(mode="json", exclude=set(p.RUNTIME_ONLY)))
+        return fingerprint_of(cls.name, cls.version, p.fingerprint_fields())
 
     @classmethod
     def start_run(cls, scope: RunScope) -> None:
@@ -1015,9 +1076,12 @@ class Dedup(Stage):
             batch[SIG] = object_column([""] * n)
         rows, sigs = [], []
         for i in originals_to_check(batch):
-            media = {m: batch[m][i] if m in batch else None for m in MODALITIES}
+            # a modality made from another (a clip's audio track) follows its source: not compared
+            made = derived_modalities(batch, i)
+            media = {m: batch[m][i] if m in batch and m not in made else None for m in MODALITIES}
+            frames = batch[FRAMES][i] if FRAMES in batch else None
             try:
-                sigs.append(signature_of(str(batch["id"][i]), media, self.params))
+                sigs.append(signature_of(str(batch["id"][i]), media, self.params, frames))
             except (OSError, ValueError) as exc:   # cleanup let through media we cannot decode
                 self.reject(batch, i, "dedup_error", f"{type(exc).__name__}: {exc}")
                 continue

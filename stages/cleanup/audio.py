@@ -143,6 +143,7 @@ class AudioCleaner(ModalityCleaner):
     version = 1
     modality = "audio"
     Params = AudioParams
+    runs_after = ("cleanup.video",)   # which may give a row its clip's audio track to clean
     reasons: ClassVar[dict[str, str]] = {
         "audio_corrupt": "empty, garbage, truncated, undecodable, implausible header, non-finite or wild samples",
         "audio_too_large_bytes": "raw bytes longer than max_raw_bytes; checked before opening",

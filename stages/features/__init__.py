@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.features import audio, image, text  # noqa: F401  (register the built-in encoders and stages)
+from stages.features import audio, image, text, video  # noqa: F401  (register the built-in encoders and stages)
 from stages.features.base import ENCODERS, Encoder, EncoderParams, MissingWeights, get_encoder, register_encoder
 
 __all__ = ["ENCODERS", "Encoder", "EncoderParams", "MissingWeights", "feature_dim", "get_encoder",

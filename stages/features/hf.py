@@ -80,12 +80,12 @@ def load_companion(loader: Callable[..., Any], path: Path, what: str, modality: 
 
 # modality -> (sub-config of a two-tower model, the method that gives that tower's features)
 TOWERS = {"image": ("vision_config", "get_image_features"), "text": ("text_config", "get_text_features"),
-          "audio": ("audio_config", "get_audio_features")}
+          "audio": ("audio_config", "get_audio_features"), "video": ("vision_config", "get_video_features")}
 
 
 def is_dual(config: Any, modality: str) -> bool:
-    """A two-tower model (CLIP, CLAP, SigLIP): features come from ``get_<modality>_features``."""
-    towers = [sub for sub, _ in TOWERS.values() if getattr(config, sub, None) is not None]
+    """A two-tower model (CLIP, CLAP, SigLIP, X-CLIP): features come from ``get_<modality>_features``."""
+    towers = {sub for sub, _ in TOWERS.values() if getattr(config, sub, None) is not None}   # image, video: one tower
     return TOWERS[modality][0] in towers and len(towers) >= 2
 
 

@@ -81,13 +81,13 @@ class TorchvisionParams(TorchParams):
         return arch
 
 
-def torchvision_weights_path(arch: str, weights: str) -> Path:
+def torchvision_weights_path(arch: str, weights: str, modality: str = "image") -> Path:
     """A local state_dict file, or a weights enum's checkpoint in the torch hub cache; never downloads."""
     import torch
     import torchvision
 
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    how = (f"set stages.features.image.params.weights to a local .pth state_dict, or put the torchvision "
+    how = (f"set stages.features.{modality}.params.weights to a local .pth state_dict, or put the torchvision "
            f"checkpoint in {hub} (TORCH_HOME sets the cache)")
     if weights.endswith((".pth", ".pt")) or "/" in weights:
         path = Path(weights).expanduser()
@@ -124,7 +124,7 @@ class TorchvisionImageEncoder(TorchEncoder):
 
     def __init__(self, params: EncoderParams | dict | None = None, *, inference: bool = True):
         params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
-        self.weights_path = torchvision_weights_path(params.arch, params.weights)
+        self.weights_path = torchvision_weights_path(params.arch, params.weights, self.modality)
         super().__init__(params, inference=inference)
         if inference:
             import torch
@@ -138,7 +138,7 @@ class TorchvisionImageEncoder(TorchEncoder):
         import torch
         import torchvision
 
-        torchvision_weights_path(params.arch, params.weights)   # fail at plan time, not in the actor
+        torchvision_weights_path(params.arch, params.weights, cls.modality)   # fail at plan time, not in the actor
         with torch.device("meta"):   # shapes only: no memory, no weights
             return strip_head(torchvision.models.get_model(params.arch, weights=None))
 

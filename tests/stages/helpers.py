@@ -26,3 +26,15 @@ def reason_of(cleaner: ModalityCleaner, value: object) -> str:
         cleaner.clean(value)
     assert info.value.reason in cleaner.reasons
     return info.value.reason
+
+
+class Clock:
+    """time.monotonic for ``stages.base``: ``step`` seconds pass on every reading."""
+
+    def __init__(self, step: float):
+        self.now, self.step, self.readings = 0.0, step, 0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        self.readings += 1
+        return self.now

@@ -15,19 +15,7 @@ from stages.base import StageContext
 from stages.cleanup.audio import AudioCleaner
 from stages.cleanup.image import ImageCleaner
 from stages.cleanup.text import TextCleaner
-from tests.stages.helpers import make_batch, reason_of
-
-
-class Clock:
-    """time.monotonic for ``stages.base``: ``step`` seconds pass on every reading."""
-
-    def __init__(self, step: float):
-        self.now, self.step, self.readings = 0.0, step, 0
-
-    def __call__(self) -> float:
-        self.now += self.step
-        self.readings += 1
-        return self.now
+from tests.stages.helpers import Clock, make_batch, reason_of
 
 
 def noise_png(side: int = 800) -> bytes:

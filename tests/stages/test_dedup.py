@@ -398,11 +398,14 @@ def test_runtime_params_leave_the_fingerprint_alone():
     assert Dedup.fingerprint({}) == fingerprint_of("dedup", 1, before) == Dedup.fingerprint({"shards": 4})
     assert Dedup.fingerprint({"rows_per_shard": 10}) == Dedup.fingerprint(DedupParams())
     assert Dedup.fingerprint({"num_perm": 64}) != Dedup.fingerprint({})
+    # the video near-dup options came later: at their defaults they leave old stores' rows alone
+    assert Dedup.fingerprint({"video_phash_threshold": 8}) == Dedup.fingerprint({})
+    assert Dedup.fingerprint({"video_phash_threshold": 4}) != Dedup.fingerprint({})
 
 
 def test_params_are_validated():
     with pytest.raises(ValidationError):
-        DedupParams.model_validate({"exact": ["video"]})
+        DedupParams.model_validate({"exact": ["smell"]})
     with pytest.raises(ValidationError):
         DedupParams.model_validate({"phash_treshold": 4})
 
