@@ -253,6 +253,7 @@ def compact(store: str = typer.Argument(..., help="Store path or URI"),
 def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the demo dataset is written"),
          store: str = typer.Option("store/demo", "--store"),
          n: int = typer.Option(300, "--n", help="Number of good records"),
+         videos: int = typer.Option(60, "--videos", help="Number of good records with a video clip (0: none)"),
          config: Optional[Path] = typer.Option(None, "--config", help="Default: configs/demo.yaml"),
          skip_train: bool = typer.Option(False, "--skip-train"),
          set_: list[str] = SetOpt) -> None:
@@ -262,7 +263,7 @@ def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the de
     from pipeline.runner import run as run_pipeline
 
     config = config or _default_config("demo.yaml")
-    manifest = make_demo(out, n=n)
+    manifest = make_demo(out, n=n, videos=videos)
     typer.echo(f"demo data: {manifest}")
     cfg = _config(config, set_, source__path=str(manifest), store=store)
     result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True))

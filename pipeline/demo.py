@@ -1,6 +1,7 @@
-"""A small demo dataset with real class signal in every modality, made with numpy alone
-(no system packages): coloured textured images, class-vocabulary captions (some as crawled
-HTML), and tone-plus-noise audio; plus the bad rows a crawl always has."""
+"""A small demo dataset with real class signal in every modality, made with numpy (and PyAV for
+the clips; no system packages): coloured textured images, class-vocabulary captions (some as
+crawled HTML), tone-plus-noise audio, and short clips of a shape moving a class's way with the
+class's tone on their audio track; plus the bad rows a crawl always has."""
 from __future__ import annotations
 
 import io
@@ -60,8 +61,37 @@ def _audio(label: str, rng: np.random.Generator, seconds: float = 1.0) -> bytes:
     return buf.getvalue()
 
 
-def make_demo(out: str | Path, n: int = 300, seed: int = 0) -> Path:
-    """Write ``out/manifest.jsonl`` plus media files; returns the manifest path."""
+# Where each class's shape travels over a clip (dy, dx per second, in frame heights / widths).
+_MOTION = {"forest": (0.0, 0.6), "ocean": (0.6, 0.0), "city": (0.45, 0.45), "desert": (-0.45, 0.45)}
+CLIP_FPS, CLIP_SIDE = 8, 64
+
+
+def _clip(label: str, rng: np.random.Generator, seconds: float = 2.0) -> bytes:
+    """A clip (H.264 mp4 with an AAC track) of a bright square moving the class's way over noise."""
+    from stages.video import encode_mp4
+
+    frames = int(CLIP_FPS * seconds)
+    dy, dx = _MOTION[label]
+    y0, x0 = rng.uniform(0.2, 0.5, 2) if dy >= 0 else (rng.uniform(0.5, 0.8), rng.uniform(0.2, 0.5))
+    colour = np.array(_COLOURS[label], np.float32) * rng.uniform(0.8, 1.2) + 40
+    side, size = CLIP_SIDE, CLIP_SIDE // 5
+    # a dim backdrop of its own (smooth random shading): two clips are different scenes, as real ones are
+    backdrop = np.kron(rng.uniform(10, 90, (4, 4, 1)), np.ones((side // 4, side // 4, 3)))
+    video = np.empty((frames, side, side, 3), np.uint8)
+    for k in range(frames):
+        t = k / CLIP_FPS
+        y, x = int((y0 + dy * t / seconds) * side) % side, int((x0 + dx * t / seconds) * side) % side
+        picture = backdrop + rng.normal(0, 8, (side, side, 3))
+        picture[max(0, y - size):y + size, max(0, x - size):x + size] = colour
+        video[k] = np.clip(picture, 0, 255).astype(np.uint8)
+    t = np.arange(int(SR * seconds)) / SR
+    tone = 0.3 * np.sin(2 * np.pi * _TONES[label] * rng.uniform(0.92, 1.08) * t) + rng.normal(0, 0.05, len(t))
+    return encode_mp4(video, CLIP_FPS, audio=tone.astype(np.float32), sample_rate=SR)
+
+
+def make_demo(out: str | Path, n: int = 300, seed: int = 0, videos: int = 0) -> Path:
+    """Write ``out/manifest.jsonl`` plus media files; returns the manifest path. ``videos``: rows
+    of a clip (its audio track is the row's audio) and some text, plus the clips' bad cases."""
     out = Path(out)
     (out / "media").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -80,6 +110,8 @@ def make_demo(out: str | Path, n: int = 300, seed: int = 0) -> Path:
             row["audio"] = f"media/{row['id']}.wav"
         rows.append(row)
     rows += _bad_rows(out, rows, rng)
+    if videos:
+        rows += _video_rows(out, videos, np.random.default_rng(seed + 1))
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
@@ -105,6 +137,36 @@ def _bad_rows(out: Path, good: list[dict], rng: np.random.Generator) -> list[dic
         {"id": "bad-silent-audio", "label": "ocean", "audio": "media/silent.wav"},
         {**{k: v for k, v in first.items() if k != "id"}, "id": "dup-of-" + first["id"]},
     ]
+
+
+def _video_rows(out: Path, n: int, rng: np.random.Generator) -> list[dict]:
+    from stages.video import encode_mp4
+
+    media, rows = out / "media", []
+    for k in range(n):
+        label = CLASSES[k % len(CLASSES)]
+        row = {"id": f"v{k:05d}", "label": label, "video": f"media/v{k:05d}.mp4"}
+        (media / f"v{k:05d}.mp4").write_bytes(_clip(label, rng))
+        if rng.random() < 0.5:
+            row["text"] = _text(label, rng, html=False)
+        rows.append(row)
+    clip = _clip("forest", rng)
+    (media / "truncated.mp4").write_bytes(clip[: len(clip) // 2])
+    (media / "black.mp4").write_bytes(encode_mp4(np.zeros((16, CLIP_SIDE, CLIP_SIDE, 3), np.uint8), CLIP_FPS))
+    (media / "audio-only.mp4").write_bytes(_audio_only(_audio("ocean", rng)))
+    return rows + [
+        {"id": "bad-truncated-video", "label": "forest", "video": "media/truncated.mp4"},
+        {"id": "bad-black-video", "label": "city", "video": "media/black.mp4", "text": "a dark street at night"},
+        {"id": "bad-audio-only-video", "label": "ocean", "video": "media/audio-only.mp4"},
+    ]
+
+
+def _audio_only(wav: bytes) -> bytes:
+    """An mp4 holding only an AAC track (what a podcast download named .mp4 is)."""
+    from stages.video import encode_mp4
+
+    wave, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    return encode_mp4(None, 0, audio=wave, sample_rate=sr)
 
 
 def _png(pixels: np.ndarray) -> bytes:
