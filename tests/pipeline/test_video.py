@@ -17,6 +17,7 @@ from pipeline.demo import CLASSES, CLIP_FPS, _clip, make_demo
 from pipeline.cli import predict_records
 from pipeline.runner import run
 from stages.video import decode_clip, encode_mp4, frames_from_bytes, probe
+from tests.conftest_http import body, http_server, network_guard  # noqa: F401
 from tests.pipeline.helpers import config
 from training.train import train
 
@@ -52,6 +53,11 @@ def video_run(tmp_path_factory, ray_session):
     cfg = config(folder, manifest, store, VIDEO_STAGES)
     result = run(cfg, log=lambda s: None)
     return folder, manifest, store, cfg, result, rows
+
+
+def in_driver(cfg):
+    """The same config with the processing pass in this process (reruns: no actor start-up)."""
+    return cfg.model_copy(update={"execution": cfg.execution.model_copy(update={"local_max_rows": 10_000})})
 
 
 def features(store, columns=None):
@@ -114,6 +120,7 @@ def _member(shards: list[str], name: str) -> bytes:
 
 def test_rerun_is_a_no_op_and_an_audio_change_redoes_the_clips_tracks(video_run, tmp_path):
     folder, manifest, store, cfg, result, rows = video_run
+    cfg = in_driver(cfg)
     again = run(cfg, log=lambda s: None)
     assert again.record["counts"]["processed"] == 0
     before = {(r["id"], r["aug"]): r for r in features(store, ["id", "aug", "audio_emb", "video_emb"]).to_pylist()}
@@ -136,7 +143,7 @@ def test_a_reencoded_clip_is_a_duplicate_of_the_stored_one(video_run, tmp_path):
     copy = {"id": "late-copy", "label": CLASSES[1], "video": str(media / "late-copy.mp4"),
             **({"text": original["text"]} if original.get("text") else {})}
     extra.write_text(manifest.read_text() + json.dumps(copy) + "\n")
-    later = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": str(extra), "roots": [str(folder)]})})
+    later = in_driver(cfg).model_copy(update={"source": cfg.source.model_copy(update={"path": str(extra), "roots": [str(folder)]})})
     run(later, log=lambda s: None)
     rejects = {r["id"]: r for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
     assert rejects["late-copy"]["reason"] == "duplicate" and rejects["late-copy"]["detail"] == "v00005"
@@ -149,6 +156,7 @@ def test_training_and_prediction_on_video(video_run, tmp_path):
     assert only.metrics["modalities"] == ["video"]
     every = train(local, str(store), fusion="attention", name="all")   # default: every stored modality
     assert every.metrics["modalities"] == ["image", "text", "audio", "video"]
+    assert len(every.metrics["modality_weights"]) == 4 and (every.model_dir / "modality_weights.png").is_file()
     clips = tmp_path / "clips.jsonl"
     media = folder / "data" / "media"
     clips.write_text("".join(json.dumps({"id": f"q{k}", "label": CLASSES[k % 4], "video": str(media / f"v{k:05d}.mp4")}) + "\n"
@@ -158,3 +166,25 @@ def test_training_and_prediction_on_video(video_run, tmp_path):
     predict_records(query, every.model_dir, out)
     preds = pq.read_table(out).to_pylist()
     assert [p["id"] for p in preds] == ["q0", "q1", "q2", "q3"] and all(p["prediction"] in CLASSES for p in preds)
+
+
+def test_clips_by_url_follow_the_fetch_rules(tmp_path, http_server, network_guard):
+    """A clip's URL is fetched like any medium: a video/* or octet-stream body is a clip, another
+    Content-Type is refused before decoding; private addresses stay blocked."""
+    clip = _clip("ocean", np.random.default_rng(3))
+    http_server.add("/a.mp4", body(clip, "video/mp4"))
+    http_server.add("/b.mp4", body(clip, "application/octet-stream"))
+    http_server.add("/page.mp4", body(b"<html></html>", "text/html"))
+    rows = [{"id": "a", "label": "ocean", "video": http_server.url("/a.mp4")},
+            {"id": "b", "label": "ocean", "video": http_server.url("/b.mp4"), "text": "the same clip, captioned"},
+            {"id": "page", "label": "ocean", "video": http_server.url("/page.mp4")},
+            {"id": "inside", "label": "ocean", "video": "http://10.0.0.1/clip.mp4"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    cfg = config(tmp_path, manifest, store, {**VIDEO_STAGES, "execution": {"local_max_rows": 100},
+                                             "source": {"http": {"allow_hosts": ["127.0.0.1"], "retries": 0}}})
+    run(cfg, log=lambda s: None)
+    rejects = {r["id"]: r["reason"] for r in DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()}
+    assert rejects == {"page": "http_content_type", "inside": "url_blocked"}
+    assert set(features(store, ["id"])["id"].to_pylist()) == {"a", "b"}
