@@ -142,6 +142,9 @@ class TrainingConfig(Strict):
     hidden: int = Field(128, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     modality_dropout: float = Field(0.15, ge=0, lt=1)
+    # modality -> its branch: "pooled" (the stored vector, the default) or a temporal encoder over its
+    # stored sequence (an encoder's ``sequence`` option): gru, lstm, cnn, transformer
+    branches: dict[str, Literal["pooled", "gru", "lstm", "cnn", "transformer"]] = Field(default_factory=dict)
     class_weights: bool = True
     patience: int = Field(8, ge=1)
     use_augmented: bool = True
@@ -155,6 +158,7 @@ class TrainingConfig(Strict):
     amp: bool = True                            # bf16 autocast, only ever on GPU
     eval_batch_size: int = Field(1024, ge=1)
     features_version: int | None = Field(None, ge=0)   # Delta time travel on the features table
+    calibrate: bool = True   # fit a temperature on the val split; predict and serve divide the logits by it
 
 
 class AlignConfig(Strict):

@@ -57,6 +57,10 @@ FEATURES_SCHEMA = pa.schema(
         ("shard", pa.string()),        # samples/ shard holding this row's media
         ("run_id", pa.string()),
     ]
+    # Sequence features (an encoder's ``sequence`` option): frames x dims, zero-padded to a fixed
+    # number of frames, and how many are real; null where the encoder stores none.
+    + [(f"{m}_seq", pa.list_(pa.list_(pa.float32()))) for m in MODALITIES]
+    + [(f"{m}_seq_len", pa.int32()) for m in MODALITIES]
 )
 
 REJECTS_SCHEMA = pa.schema(

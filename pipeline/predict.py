@@ -15,11 +15,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.config import Config, ConfigError
-from core.schema import normalize_batch, reject_record
+from core.schema import FEATURES_SCHEMA, normalize_batch, reject_record
 from pipeline.orchestration import Pipeline
 from pipeline.plan import Lineage, Plan
 from pipeline.runner import new_run_id
-from pipeline.sinks import BatchRow
+from pipeline.sinks import BatchRow, sequence_column
 from pipeline.sources import SourceRecord, read_source
 from stages.base import MODALITIES, StageContext, object_column
 
@@ -160,6 +160,8 @@ def _features(batch: dict, ok: np.ndarray) -> pa.Table:
         emb = batch.get(f"{m}_emb")
         emb = np.zeros((int(ok.sum()), 0), np.float32) if emb is None else np.asarray(np.stack(list(emb[ok])), np.float32)
         cols[f"{m}_emb"] = pa.array(list(emb), pa.list_(pa.float32()))
+        for name in (f"{m}_seq", f"{m}_seq_len"):   # for a model with a temporal branch
+            cols[name] = sequence_column(batch, FEATURES_SCHEMA.field(name), list(np.flatnonzero(ok)))
     return pa.table(cols)
 
 

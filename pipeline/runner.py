@@ -66,7 +66,8 @@ def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: 
     for batch in _staged_batches(staged, ["id", "aug", "keep"]):
         keep = pc.and_(pc.not_equal(batch["keep"], ""), pc.invert(pc.is_in(batch["id"], value_set=rejected)))
         partial += batch.filter(pc.and_(keep, pc.equal(batch["aug"], 0)))["id"].to_pylist()
-    columns = ["id", "aug"] + [f"has_{m}" for m in MODALITIES] + [f"{m}_emb" for m in MODALITIES]
+    kept_columns = {m: [f"has_{m}", f"{m}_emb", f"{m}_seq", f"{m}_seq_len"] for m in MODALITIES}
+    columns = ["id", "aug"] + [c for m in MODALITIES for c in kept_columns[m]]
     stored_schema = pa.schema([FEATURES_SCHEMA.field(c) for c in columns])
     for k in range(0, len(partial), PARTIAL_CHUNK):
         ids = pa.array(partial[k:k + PARTIAL_CHUNK], pa.string())
@@ -85,7 +86,7 @@ def _fill_partial(store: Store, staged: list[Path], rejected: pa.Array, folder: 
             prev = old.take(at)
             for m in MODALITIES:
                 kept = pc.match_substring_regex(part["keep"], f"(^|,){m}(,|$)")
-                for col in (f"has_{m}", f"{m}_emb"):
+                for col in kept_columns[m]:
                     part = part.set_column(part.schema.get_field_index(col), col, pc.if_else(kept, prev[col], part[col]))
             filled.add(part)
     return filled.close()

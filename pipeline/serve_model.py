@@ -19,7 +19,8 @@ SCAN_STAGE = "ingest.scan"   # the stage that rejects what cannot be fetched; se
 
 
 class Predictor:
-    """A trained model and the inference stages it was trained with, loaded once."""
+    """A trained model (with its temperature: calibrated probabilities, as ``predict`` gives) and
+    the inference stages it was trained with, loaded once."""
 
     def __init__(self, cfg: Config, model_dir: Path, quantize: str = "none"):
         from pipeline.predict import Featurizer, read_model_metrics
@@ -39,7 +40,8 @@ class Predictor:
         return {"model": self.name, "classes": list(spec.classes), "modalities": list(spec.modalities),
                 "fusion": spec.fusion, "stage_fingerprints": self.info.get("stage_fingerprints", {}),
                 "features_version": self.info.get("features_version"),
-                "features_snapshot": self.info.get("features_snapshot")}
+                "features_snapshot": self.info.get("features_snapshot"),
+                "temperature": self.loaded.temperature}
 
     def predict_batch(self, requests: list[list[dict]]) -> list[dict]:
         """Each request's ``{"predictions": [...], "rejects": [...]}``, in its records' order; the
@@ -170,6 +172,7 @@ def quantize_int8(loaded):
 
     from training.predict import LoadedModel
 
-    return LoadedModel(quantize_dynamic(loaded.model, {torch.nn.Linear}, dtype=torch.qint8).eval(), loaded.spec)
+    return LoadedModel(quantize_dynamic(loaded.model, {torch.nn.Linear}, dtype=torch.qint8).eval(), loaded.spec,
+                       loaded.temperature)
 
 

@@ -164,6 +164,21 @@ def presence(batch: Batch, m: str) -> np.ndarray:
     return np.asarray(has, dtype=bool) if has is not None else np.array([v is not None for v in batch[m]], dtype=bool)
 
 
+def sequence_column(batch: Batch, field: pa.Field, rows: list[int]) -> pa.Array:
+    """``<m>_seq`` (n, frames, dims) as nested lists, or ``<m>_seq_len``, for ``rows``; nulls
+    where the feature stage stored no sequence."""
+    values = batch.get(field.name)
+    if values is None:
+        return pa.nulls(len(rows), field.type)
+    if field.name.endswith("_seq_len"):
+        return pa.array(np.asarray(values, np.int32)[rows], pa.int32())
+    seq = np.asarray(np.stack(list(values)) if values.dtype == object else values, np.float32)[rows]
+    n, frames, dim = seq.shape
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * frames * dim + 1, dim, dtype=np.int32)),
+                                     pa.array(seq.ravel(), pa.float32()))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * frames + 1, frames, dtype=np.int32)), inner)
+
+
 SHARD_WRITING = "(shard writing)"   # the stats record of writing samples to shards (not a stage)
 
 
@@ -298,7 +313,9 @@ class RunSink:
             cols["keep"].append(str(batch["keep"][i]) if "keep" in batch else "")
         arrays = []
         for f in self._schema:
-            if f.name.endswith("_emb"):
+            if f.name.endswith(("_seq", "_seq_len")):
+                arrays.append(sequence_column(batch, f, rows))
+            elif f.name.endswith("_emb"):
                 flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in cols[f.name]]) if cols[f.name] else np.zeros(0, np.float32)
                 offsets = np.cumsum([0] + [len(v) for v in cols[f.name]], dtype=np.int32)
                 arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32())))

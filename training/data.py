@@ -84,12 +84,39 @@ def embedding_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     return out
 
 
-def to_arrays(table: pa.Table, dims: dict[str, int], classes: list[str] | None = None) -> Arrays:
-    """Numpy arrays for the selected modalities; embeddings zeroed where the modality is absent."""
+def sequence_shape(column: pa.ChunkedArray | pa.Array) -> list[int] | None:
+    """[frames, dim] of a ``<m>_seq`` column's first non-null row, None when every row is null."""
+    for value in column.drop_null().slice(0, 1).to_pylist():
+        return [len(value), len(value[0]) if value else 0]
+    return None
+
+
+def pack_sequences(seq: pa.ChunkedArray | pa.Array, lengths: pa.ChunkedArray | pa.Array, frames: int, dim: int) -> np.ndarray:
+    """``<m>_seq`` + ``<m>_seq_len`` as the model's input for a temporal branch: (n, frames * dim + 1),
+    the frames flattened and the length last (``training.fusion.unpack_sequence``); nulls are zeros."""
+    seq = seq.combine_chunks() if isinstance(seq, pa.ChunkedArray) else seq
+    n = len(seq)
+    out = np.zeros((n, frames * dim + 1), np.float32)
+    present = np.flatnonzero(seq.is_valid().to_numpy(zero_copy_only=False))
+    if len(present):
+        values = seq.take(pa.array(present)).flatten().flatten().to_numpy(zero_copy_only=False)
+        out[present, : frames * dim] = values.astype(np.float32).reshape(len(present), frames * dim)
+    out[:, -1] = pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False)
+    return out
+
+
+def to_arrays(table: pa.Table, dims: dict[str, int], classes: list[str] | None = None,
+              sequences: dict[str, list[int]] | None = None) -> Arrays:
+    """Numpy arrays for the selected modalities; embeddings zeroed where the modality is absent.
+    A modality in ``sequences`` (modality -> [frames, dim]) comes as its packed sequence."""
     out: Arrays = {}
     for m, d in dims.items():
         mask = table[f"has_{m}"].fill_null(False).to_numpy(zero_copy_only=False).astype(np.float32)
-        out[f"{m}_emb"] = embedding_matrix(table[f"{m}_emb"], d) * mask[:, None]
+        if sequences and m in sequences:
+            emb = pack_sequences(table[f"{m}_seq"], table[f"{m}_seq_len"], *sequences[m])
+        else:
+            emb = embedding_matrix(table[f"{m}_emb"], d)
+        out[f"{m}_emb"] = emb * mask[:, None]
         out[f"{m}_mask"] = mask
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
@@ -128,6 +155,7 @@ class TrainingData:
     test: Arrays = field(default_factory=dict)
     test_ids: list[str] = field(default_factory=list)
     version: int | None = None
+    sequences: dict[str, list[int]] = field(default_factory=dict)   # modality -> [frames, dim] (temporal branches)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train[LABEL], minlength=len(self.classes))
@@ -140,17 +168,33 @@ def _split(table: pa.Table, name: str, *, augmented: bool) -> pa.Table:
     return rows
 
 
+def table_sequences(table: pa.Table, modalities: list[str]) -> dict[str, list[int]]:
+    """[frames, dim] of each modality's stored sequence; a ``ValueError`` when it has none."""
+    out = {}
+    for m in modalities:
+        shape = sequence_shape(table[f"{m}_seq"]) if f"{m}_seq" in table.column_names else None
+        if not shape:
+            raise ValueError(f"the features hold no {m} sequences for a temporal branch: "
+                             f"set stages.features.{m}.params.sequence and run again")
+        out[m] = shape
+    return out
+
+
 def prepare(table: pa.Table, modalities: list[str], *, use_augmented: bool = True,
-            classes: list[str] | None = None) -> TrainingData:
+            classes: list[str] | None = None, branches: dict[str, str] | None = None) -> TrainingData:
     """Split, map labels, select modalities. Train keeps only labelled rows with at least one
     selected modality present (others carry no signal); val/test keep every labelled row, so all
-    models — unimodal baselines included — are scored on the same samples."""
+    models — unimodal baselines included — are scored on the same samples. A modality with a
+    temporal branch (``branches``) comes as its packed sequence."""
     modalities = check_modalities(modalities)
     classes = classes or class_names(table)
-    dims = embedding_dims(table, modalities)
+    sequences = table_sequences(table, [m for m in modalities if (branches or {}).get(m, "pooled") != "pooled"])
+    dims = {**embedding_dims(table, [m for m in modalities if m not in sequences]),
+            **{m: t * d + 1 for m, (t, d) in sequences.items()}}
+    dims = {m: dims[m] for m in modalities}
     parts = {}
     for split in ("train", "val", "test"):
-        arrays = to_arrays(_split(table, split, augmented=use_augmented and split == "train"), dims, classes)
+        arrays = to_arrays(_split(table, split, augmented=use_augmented and split == "train"), dims, classes, sequences)
         keep = arrays[LABEL] >= 0
         if split == "train":
             keep &= sum(arrays[f"{m}_mask"] for m in modalities) > 0
@@ -158,7 +202,7 @@ def prepare(table: pa.Table, modalities: list[str], *, use_augmented: bool = Tru
     test_table = _split(table, "test", augmented=False)
     test_ids = [i for i, k in zip(test_table["id"].to_pylist(), parts["test"][1]) if k]
     data = TrainingData(classes, modalities, dims, *(take(a, np.flatnonzero(k)) for a, k in parts.values()),
-                        test_ids=test_ids)
+                        test_ids=test_ids, sequences=sequences)
     if n_rows(data.train) == 0:
         raise ValueError("no training rows: the train split is empty for these modalities")
     if n_rows(data.val) == 0:   # early stopping needs something to watch: fall back to train

@@ -1,14 +1,27 @@
 """Test-split evaluation streamed batch by batch (confusion counts, ROC state, modality-weight
-sums: bounded, whatever the split's size), metrics.json and PNG plots."""
+sums, per-subset confusion counts: bounded, whatever the split's size), metrics.json and PNG plots.
+
+Robustness scores the model on every non-empty subset of its modalities, the others fed as an
+absent modality is (mask 0, embedding zeros). A row that has none of a subset's modalities is left
+out of that subset's scores (``excluded`` counts them): the model would see no modality at all and
+answer the same for every such row, which says nothing about the subset; so "image alone" is the
+score on the rows that have an image.
+"""
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import label_binarize
+
+from training.data import LABEL, Arrays, take
+
+if TYPE_CHECKING:
+    from training.calibration import Reliability
 
 EXACT_ROC_SCORES = 4_000_000   # scores kept for an exact ROC-AUC (16 MB); beyond, histograms
 ROC_BINS = 1 << 14
@@ -169,6 +182,55 @@ class ModalityWeights:
         return [float(t / p) if p else 0.0 for t, p in zip(self.present_total, self.present)]
 
 
+def modality_subsets(modalities: list[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``modalities``, smallest first, each in their order."""
+    return [s for k in range(1, len(modalities) + 1) for s in combinations(modalities, k)]
+
+
+def keep_only(arrays: Arrays, keep: tuple[str, ...], modalities: list[str]) -> Arrays:
+    """``arrays`` with every modality outside ``keep`` absent, as ``to_arrays`` feeds an absent
+    modality: mask 0, embedding zeros."""
+    out = dict(arrays)
+    for m in modalities:
+        if m not in keep:
+            out[f"{m}_mask"] = np.zeros_like(arrays[f"{m}_mask"])
+            out[f"{m}_emb"] = np.zeros_like(arrays[f"{m}_emb"])
+    return out
+
+
+class Robustness:
+    """Accuracy and macro-F1 with only each subset of the modalities present, summed over batches
+    (a confusion matrix per subset); rows with none of a subset's modalities are left out of it."""
+
+    def __init__(self, modalities: list[str], n_classes: int) -> None:
+        self.modalities = list(modalities)
+        self.subsets = modality_subsets(self.modalities)
+        self.scores = [Confusion(n_classes) for _ in self.subsets]
+        self.n = 0
+
+    def update(self, arrays: Arrays, logits_of: Callable[[Arrays], np.ndarray],
+               full: np.ndarray | None = None) -> None:
+        """Score one batch under every subset: ``logits_of`` gives the logits of masked arrays;
+        ``full``, the logits of the batch as it is, serves the subset of every modality."""
+        y = arrays[LABEL]
+        self.n += len(y)
+        present = {m: arrays[f"{m}_mask"] > 0 for m in self.modalities}
+        for subset, confusion in zip(self.subsets, self.scores):
+            rows = np.flatnonzero(np.logical_or.reduce([present[m] for m in subset]))
+            if not len(rows):
+                continue
+            if full is not None and len(subset) == len(self.modalities):
+                logits = full[rows]
+            else:
+                logits = logits_of(keep_only(take(arrays, rows), subset, self.modalities))
+            confusion.update(y[rows], logits.argmax(axis=1))
+
+    def result(self) -> list[dict[str, Any]]:
+        """One row per subset: its modalities, accuracy, macro-F1, rows scored and rows left out."""
+        return [{"modalities": list(s), "accuracy": c.accuracy(), "macro_f1": c.macro_f1(), "rows": c.n,
+                 "excluded": self.n - c.n} for s, c in zip(self.subsets, self.scores)]
+
+
 def write_metrics(model_dir: Path, metrics: dict[str, Any]) -> Path:
     path = Path(model_dir) / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
@@ -234,6 +296,45 @@ def plot_modality_weights(means: list[float], modalities: list[str], path: Path)
     ax.set_ylabel("mean modality weight (where present)")
     ax.set_ylim(0, 1)
     ax.set_title("modality weights (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_robustness(table: list[dict[str, Any]], path: Path) -> Path:
+    """Heat map: accuracy and macro-F1 (columns) with only each subset of the modalities present (rows)."""
+    plt = _pyplot()
+    values = np.array([[r["accuracy"], r["macro_f1"]] for r in table])
+    labels = [f"{'+'.join(r['modalities'])} (n={r['rows']})" for r in table]
+    fig, ax = plt.subplots(figsize=(5.5, max(2.5, 0.45 * len(table) + 1.5)))
+    ax.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks([0, 1], ["accuracy", "macro-F1"])
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+    ax.set_title("only these modalities present (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(curves: list[tuple[str, Reliability]], path: Path) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin, one line per (label, bins)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="calibrated")
+    for label, bins in curves:
+        confidence, accuracy, count = bins.curve()
+        filled = count > 0
+        ax.plot(confidence[filled], accuracy[filled], "o-", markersize=4, label=f"{label} (ECE {bins.ece():.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"confidence (top label, {curves[0][1].bins} bins)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability (test)")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,6 +5,11 @@ Every model takes ``forward(embs, mask)``: ``embs[m]`` is a ``[B, d_m]`` float t
 present. A missing modality contributes nothing, and a sample with every modality missing still
 gets finite logits. In training mode, modality dropout masks present modalities at random, never
 all of a sample's present ones.
+
+A modality may come as a sequence instead of a pooled vector (``training.branches``): its input is
+then the frames flattened with the length appended (``[B, T * d + 1]``, see ``pack_sequences``),
+and a trainable temporal encoder (``BRANCHES``: GRU, LSTM, 1-D CNN, a small transformer; masked by
+length) turns it into the ``hidden``-wide vector every fusion takes for that modality.
 """
 from __future__ import annotations
 
@@ -46,6 +51,60 @@ def classifier(inp: int, hidden: int, n_classes: int, dropout: float) -> nn.Modu
     return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
 
+def unpack_sequence(x: Tensor, frames: int, dim: int) -> tuple[Tensor, Tensor]:
+    """``[B, frames * dim + 1]`` -> (``[B, frames, dim]``, lengths ``[B]`` >= 1: an absent row's 0
+    becomes 1, its output is masked by the fusion anyway)."""
+    seq = x[:, : frames * dim].reshape(x.shape[0], frames, dim)
+    return seq, x[:, -1].round().long().clamp(1, frames)
+
+
+def _valid(lengths: Tensor, frames: int) -> Tensor:
+    """[B, frames] True on the real frames."""
+    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class TemporalBranch(nn.Module):
+    """A sequence of frames -> one ``hidden``-wide vector: normalise, then ``kind``."""
+
+    def __init__(self, kind: str, frames: int, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.kind, self.frames, self.dim = kind, frames, dim
+        self.norm = nn.LayerNorm(dim)
+        if kind in ("gru", "lstm"):
+            self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(dim, hidden, batch_first=True)
+        elif kind == "cnn":
+            self.conv = nn.Sequential(nn.Conv1d(dim, hidden, 3, padding=1), nn.GELU(),
+                                      nn.Conv1d(hidden, hidden, 3, padding=1), nn.GELU())
+        elif kind == "transformer":
+            self.proj = nn.Linear(dim, hidden)
+            self.position = nn.Parameter(torch.zeros(1, frames, hidden))
+            layer = nn.TransformerEncoderLayer(hidden, 4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
+                                               dropout=dropout, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"unknown branch {kind!r}; known: {', '.join(BRANCHES)}")
+        self.out = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq, lengths = unpack_sequence(x, self.frames, self.dim)
+        valid = _valid(lengths, self.frames)
+        seq = self.norm(seq) * valid[..., None]   # padding frames are zeros whatever they held (the CNN sees them)
+        if self.kind in ("gru", "lstm"):
+            packed = nn.utils.rnn.pack_padded_sequence(seq, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            _, state = self.rnn(packed)
+            last = (state[0] if self.kind == "lstm" else state)[-1]   # the last real frame's state
+        elif self.kind == "cnn":
+            h = self.conv(seq.transpose(1, 2)).transpose(1, 2)
+            last = h.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)   # max over real frames
+        else:
+            h = self.encoder(self.proj(seq) + self.position, src_key_padding_mask=~valid)
+            last = (h * valid[..., None]).sum(dim=1) / lengths[:, None]          # mean over real frames
+        return self.out(last)
+
+
+BRANCHES = ("gru", "lstm", "cnn", "transformer")
+
+
 class FusionModel(nn.Module):
     """Base: keeps the constructor arguments (to rebuild from a checkpoint) and modality dropout."""
 
@@ -63,8 +122,11 @@ class FusionModel(nn.Module):
         self.hidden = hidden
         self.modality_dropout = modality_dropout
         self.last_weights: Tensor | None = None
+        self.branches = nn.ModuleDict()   # modality -> TemporalBranch (``build_fusion`` adds them)
 
     def forward(self, embs: dict[str, Tensor], mask: Tensor) -> Tensor:
+        if len(self.branches):
+            embs = {m: self.branches[m](e) if m in self.branches else e for m, e in embs.items()}
         mask = mask.to(embs[self.modalities[0]].dtype)
         if self.training:
             mask = drop_modalities(mask, self.modality_dropout)
@@ -200,10 +262,19 @@ def check_fusion(name: str) -> str:
     return name
 
 
-def build_fusion(name: str, dims: dict[str, int], n_classes: int, **kwargs) -> FusionModel:
-    """Build a registered fusion model by name (kwargs: hidden, dropout, modality_dropout, extras)."""
+def build_fusion(name: str, dims: dict[str, int], n_classes: int, branches: dict[str, str] | None = None,
+                 sequences: dict[str, list[int]] | None = None, **kwargs) -> FusionModel:
+    """Build a registered fusion model by name (kwargs: hidden, dropout, modality_dropout, extras);
+    ``branches``: modality -> temporal encoder kind over its sequence of ``sequences[m]`` = [frames, dim]."""
     try:
         cls = FUSIONS[name]
     except KeyError:
         raise KeyError(_unknown(name)) from None
-    return cls(dims, n_classes, **kwargs)
+    branches = {m: k for m, k in (branches or {}).items() if k != "pooled" and m in dims}
+    hidden = kwargs.get("hidden", 128)
+    model = cls({m: hidden if m in branches else d for m, d in dims.items()}, n_classes, **kwargs)
+    for m, kind in branches.items():
+        frames, dim = sequences[m]
+        model.branches[m] = TemporalBranch(kind, frames, dim, hidden, kwargs.get("dropout", 0.1))
+    model.dims = dict(dims)   # what the model takes: the packed sequences' widths for branched modalities
+    return model

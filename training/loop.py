@@ -34,18 +34,23 @@ class ModelSpec:
     dropout: float = 0.1
     modality_dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)          # modality -> temporal encoder kind
+    sequences: dict[str, list[int]] = field(default_factory=dict)   # modality -> [frames, dim] it reads
 
     def build(self) -> FusionModel:
         return build_fusion(self.fusion, self.dims, len(self.classes), hidden=self.hidden, dropout=self.dropout,
-                            modality_dropout=self.modality_dropout, **self.extra)
+                            modality_dropout=self.modality_dropout, branches=self.branches,
+                            sequences=self.sequences, **self.extra)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def model_spec(data: DataInfo, tc: TrainingConfig, fusion: str) -> ModelSpec:
+    sequences = dict(getattr(data, "sequences", {}))
+    branches = {m: kind for m, kind in tc.branches.items() if m in sequences}
     return ModelSpec(fusion, list(data.modalities), dict(data.dims), list(data.classes), tc.hidden, tc.dropout,
-                     tc.modality_dropout, dict(tc.extra))
+                     tc.modality_dropout, dict(tc.extra), branches, sequences)
 
 
 def class_weights(data: DataInfo, enabled: bool) -> list[float] | None:
@@ -258,13 +263,20 @@ def run_epoch(state: TrainState, batches: Batches, val: ValSource | None,
 
 
 def fit_local(data: TrainingData, tc: TrainingConfig, fusion: str | None = None,
-              device: torch.device | str | None = None) -> TrainState:
-    """The local engine: the same ``run_epoch`` in this process, batches from numpy."""
+              device: torch.device | str | None = None, *, restore: Callable[[TrainState], None] | None = None,
+              on_epoch: Callable[[TrainState, EpochStats], None] | None = None) -> TrainState:
+    """The local engine: the same ``run_epoch`` in this process, batches from numpy. ``restore``
+    may load a checkpoint into the fresh state and ``on_epoch`` sees every epoch's end (a Tune
+    trial resumes and reports through them)."""
     seed_everything(tc.seed)
     device = torch.device(device or ("cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu"))
     spec = model_spec(data, tc, fusion or tc.fusion)
     steps = math.ceil(n_rows(data.train) / tc.batch_size)
     state = TrainState(spec, tc, steps, class_weights(data, tc.class_weights), device)
+    if restore is not None:
+        restore(state)
     while state.epoch < tc.epochs and not state.stopped:
-        run_epoch(state, iterate(data.train, tc.batch_size, shuffle_seed=tc.seed + state.epoch), data.val)
+        stats = run_epoch(state, iterate(data.train, tc.batch_size, shuffle_seed=tc.seed + state.epoch), data.val)
+        if on_epoch is not None:
+            on_epoch(state, stats)
     return state

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from core.config import ConfigError
 from core.store import Store
-from training.data import LABEL, Arrays, FeaturesNotFound, check_modalities, to_arrays, to_arrow
+from training.data import LABEL, Arrays, FeaturesNotFound, check_modalities, sequence_shape, to_arrays, to_arrow
 
 READ_ROWS = 1024   # rows per record batch the driver reads: a few MB with wide embeddings
 READ_BLOCK_BYTES = 16 << 20   # stored bytes per Ray Data read block (several times that decoded)
@@ -106,6 +106,7 @@ class SplitRows:
     classes: list[str]
     originals_only: bool = True
     need_modality: bool = False
+    sequences: dict[str, list[int]] = field(default_factory=dict)   # modalities read as sequences
 
     def filter(self) -> pc.Expression:
         expr = pc.field("split") == self.split
@@ -118,12 +119,13 @@ class SplitRows:
 
     def columns(self) -> list[str]:
         """What the model needs (the filter's columns come with the Ray reader, see ``ray_dataset``)."""
-        return ["label", *(c for m in self.dims for c in (f"has_{m}", f"{m}_emb"))]
+        return ["label", *(c for m in self.dims for c in (
+            (f"has_{m}", f"{m}_seq", f"{m}_seq_len") if m in self.sequences else (f"has_{m}", f"{m}_emb")))]
 
     def arrays(self, batch: pa.Table | pa.RecordBatch) -> Arrays:
         """The batch's rows of this split (already filtered) as model columns, unlabelled rows dropped."""
         table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        arrays = to_arrays(table, self.dims, self.classes)
+        arrays = to_arrays(table, self.dims, self.classes, self.sequences)
         keep = arrays[LABEL] >= 0
         if self.need_modality:
             keep &= sum(arrays[f"{m}_mask"] for m in self.dims) > 0
@@ -140,7 +142,7 @@ class SplitRows:
         """This split in memory (the local engine's small-data path)."""
         parts = list(self.stream(snapshot))
         if not parts:
-            return self.arrays(pa.table({c: pa.array([], t) for c, t in _empty_types(self.dims).items()}))
+            return self.arrays(pa.table({c: pa.array([], t) for c, t in _empty_types(self.dims, self.sequences).items()}))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def ray_dataset(self, snapshot: Snapshot):
@@ -156,10 +158,14 @@ def _model_columns(batch: pa.Table, rows: SplitRows) -> pa.Table:
     return to_arrow(rows.arrays(batch.filter(rows.filter())))
 
 
-def _empty_types(dims: dict[str, int]) -> dict[str, pa.DataType]:
+def _empty_types(dims: dict[str, int], sequences: dict[str, list[int]]) -> dict[str, pa.DataType]:
     types: dict[str, pa.DataType] = {"label": pa.string()}
     for m in dims:
-        types[f"has_{m}"], types[f"{m}_emb"] = pa.bool_(), pa.list_(pa.float32())
+        types[f"has_{m}"] = pa.bool_()
+        if m in sequences:
+            types[f"{m}_seq"], types[f"{m}_seq_len"] = pa.list_(pa.list_(pa.float32())), pa.int32()
+        else:
+            types[f"{m}_emb"] = pa.list_(pa.float32())
     return types
 
 
@@ -179,6 +185,7 @@ class FeaturesSummary:
     n_val: int
     n_test: int
     snapshot: Snapshot
+    sequences: dict[str, list[int]] = field(default_factory=dict)   # modality -> [frames, dim] (temporal branches)
 
     @property
     def version(self) -> int | None:
@@ -193,8 +200,9 @@ class FeaturesSummary:
         if split == "val" and self.n_val == 0:
             split = "train"
         if split == "train":
-            return SplitRows("train", self.dims, self.classes, not use_augmented, need_modality=True)
-        return SplitRows(split, self.dims, self.classes)
+            return SplitRows("train", self.dims, self.classes, not use_augmented, need_modality=True,
+                             sequences=self.sequences)
+        return SplitRows(split, self.dims, self.classes, sequences=self.sequences)
 
 
 GroupKey = tuple[str, bool, str, bool]   # (split, original, label, any selected modality present)
@@ -216,9 +224,10 @@ def group_counts(snapshot: Snapshot, modalities: list[str]) -> dict[GroupKey, in
     return totals
 
 
-def summarize(snapshot: Snapshot, modalities: list[str], *, use_augmented: bool = True) -> FeaturesSummary:
+def summarize(snapshot: Snapshot, modalities: list[str], *, use_augmented: bool = True,
+              branches: dict[str, str] | None = None) -> FeaturesSummary:
     """Classes, dims and row counts of the snapshot, streamed (see ``training.data.prepare`` for the
-    in-memory rules this follows)."""
+    in-memory rules this follows). A modality with a temporal branch is read as its sequence."""
     modalities = check_modalities(modalities)
     groups = group_counts(snapshot, modalities)
     classes = sorted({label for (split, _, label, _) in groups if split == "train" and label not in (None, "")})
@@ -234,8 +243,12 @@ def summarize(snapshot: Snapshot, modalities: list[str], *, use_augmented: bool 
             counts[index[label]] += k
         elif split in n and original:
             n[split] += k
-    summary = FeaturesSummary(classes, modalities, discover_dims(snapshot, modalities), counts,
-                              int(counts.sum()), n["val"], n["test"], snapshot=snapshot)
+    temporal = [m for m in modalities if (branches or {}).get(m, "pooled") != "pooled"]
+    sequences = {m: discover_sequence(snapshot, m) for m in temporal}
+    dims = {**discover_dims(snapshot, [m for m in modalities if m not in sequences]),
+            **{m: t * d + 1 for m, (t, d) in sequences.items()}}
+    summary = FeaturesSummary(classes, modalities, {m: dims[m] for m in modalities}, counts,
+                              int(counts.sum()), n["val"], n["test"], snapshot=snapshot, sequences=sequences)
     if summary.n_train == 0:
         raise ValueError("no training rows: the train split is empty for these modalities")
     return summary
@@ -272,6 +285,17 @@ def scanned_dims(snapshot: Snapshot, modalities: list[str]) -> dict[str, int]:
             longest = max(longest, pc.max(pc.list_value_length(batch.column(0))).as_py() or 0)
         dims[m] = int(longest)
     return dims
+
+
+def discover_sequence(snapshot: Snapshot, modality: str) -> list[int]:
+    """[frames, dim] of the modality's stored sequences (the first stored one; the stage pads all
+    to one shape), read column batch by batch until one is found."""
+    for batch in snapshot.batches([f"{modality}_seq"], batch_size=READ_ROWS):
+        shape = sequence_shape(batch.column(0))
+        if shape:
+            return shape
+    raise ValueError(f"the features hold no {modality} sequences for a temporal branch: "
+                     f"set stages.features.{modality}.params.sequence and run again")
 
 
 def discover_dims(snapshot: Snapshot, modalities: list[str]) -> dict[str, int]:

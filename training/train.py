@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,12 +27,14 @@ import torch
 
 from core.config import Config, ConfigError, TrainingConfig
 from stages.modalities import MODALITIES
-from training.data import LABEL, Arrays, TrainingData, check_modalities, shuffled, to_tensors
-from training.evaluate import (ModalityWeights, StreamingMetrics, plot_confusion, plot_curves, plot_modality_weights,
-                               write_metrics)
+from training.calibration import (ECE_BINS, Calibration, Reliability, batch_logits, fit_calibration,
+                                  save_calibration, softmax)
+from training.data import LABEL, Arrays, TrainingData, check_modalities, shuffled
+from training.evaluate import (ModalityWeights, Robustness, StreamingMetrics, plot_confusion, plot_curves,
+                               plot_modality_weights, plot_reliability, plot_robustness, write_metrics)
 from training.fusion import FusionModel, check_fusion
 from training.loop import (ModelSpec, TorchCollective, TrainState, class_weights, fit_local, model_spec,
-                           predict_batch, run_epoch, seed_everything)
+                           run_epoch, seed_everything)
 from training.stream import FeaturesSummary, open_snapshot, summarize
 
 log = logging.getLogger(__name__)
@@ -75,16 +77,21 @@ def _outcome(state: dict[str, Any]) -> FitOutcome:
 # ---------------------------------------------------------------- engines
 
 
-def _fit_local(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
-    """In this process, over the train and val splits read into memory (small tables only)."""
+def local_data(summary: FeaturesSummary, tc: TrainingConfig) -> TrainingData:
+    """The train and val splits in memory, as the local engine (and a local Tune trial) trains on them."""
     rows = summary.n_train + (summary.n_val or summary.n_train)
     if rows > LOCAL_MAX_ROWS:
         raise ConfigError(f"training.engine=local holds the train and val splits in memory ({rows} rows, "
                           f"at most {LOCAL_MAX_ROWS}); use training.engine=ray, which streams them")
     snap = summary.snapshot
     train = summary.rows("train", use_augmented=tc.use_augmented).load(snap)
-    data = TrainingData(summary.classes, summary.modalities, summary.dims, train, summary.rows("val").load(snap))
-    return _outcome(fit_local(data, tc, spec.fusion).state_dict())
+    return TrainingData(summary.classes, summary.modalities, summary.dims, train, summary.rows("val").load(snap),
+                        sequences=summary.sequences)
+
+
+def _fit_local(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
+    """In this process, over the train and val splits read into memory (small tables only)."""
+    return _outcome(fit_local(local_data(summary, tc), tc, spec.fusion).state_dict())
 
 
 def _maybe_fail(fault: str | None, epoch: int, rank: int, world: int) -> None:
@@ -158,8 +165,10 @@ def _cpus_per_worker(tc: TrainingConfig) -> float:
     return cpus
 
 
-def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str) -> FitOutcome:
-    """Ray Train workers fed by Ray Data straight from the snapshot: the driver holds no rows."""
+def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_dir: str,
+             callbacks: list[Any] | None = None) -> FitOutcome:
+    """Ray Train workers fed by Ray Data straight from the snapshot: the driver holds no rows.
+    ``callbacks``: Ray Train callbacks (a Tune trial passes one that reports each epoch to Tune)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -190,7 +199,7 @@ def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_
                                                                      **({"GPU": 1} if tc.use_gpu else {})}),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -218,35 +227,71 @@ def save_model(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, features_v
     return path
 
 
-def score(model: FusionModel, batches: Iterable[Arrays], classes: list[str],
-          modalities: list[str]) -> tuple[StreamingMetrics, ModalityWeights | None]:
-    """Predict batch by batch, keeping only the metrics' running state."""
+@dataclass
+class Scores:
+    """The test split's running state: headline metrics, modality weights (models that expose
+    them), robustness per modality subset, reliability bins before and after temperature scaling."""
+
+    metrics: StreamingMetrics
+    robustness: Robustness
+    before: Reliability
+    after: Reliability
+    weights: ModalityWeights | None = None
+
+
+def score(model: FusionModel, batches: Iterable[Arrays], classes: list[str], modalities: list[str],
+          temperature: float = 1.0) -> Scores:
+    """Predict batch by batch, keeping only the metrics' running state; each batch is scored
+    again under every modality subset (``Robustness``) while it is at hand."""
     model.eval()
-    metrics, weights = StreamingMetrics(len(classes)), None
+    scores = Scores(StreamingMetrics(len(classes)), Robustness(modalities, len(classes)), Reliability(), Reliability())
     for arrays in batches:
-        probs, w = predict_batch(model, to_tensors(arrays), torch.device("cpu"))
-        metrics.update(arrays[LABEL], probs)
+        logits, w = batch_logits(model, arrays)
+        y, probs = arrays[LABEL], softmax(logits)
+        scores.metrics.update(y, probs)
+        scores.before.update(y, probs)
+        scores.after.update(y, softmax(logits, temperature))
         if w is not None:
-            if weights is None:
-                weights = ModalityWeights(modalities)
-            weights.update(w, np.stack([arrays[f"{m}_mask"] for m in modalities], axis=1))
-    return metrics, weights
+            if scores.weights is None:
+                scores.weights = ModalityWeights(modalities)
+            scores.weights.update(w, np.stack([arrays[f"{m}_mask"] for m in modalities], axis=1))
+        scores.robustness.update(arrays, lambda masked: batch_logits(model, masked)[0], full=logits)
+    return scores
+
+
+def calibration_report(scores: Scores, calibration: Calibration, model_dir: Path) -> tuple[dict[str, Any], Path]:
+    """metrics.json's ``calibration`` (T, the fit, test ECE before / after T) and reliability.png."""
+    panels = [("uncalibrated", scores.before)]
+    if calibration.fitted_on:
+        panels.append((f"T = {calibration.temperature:.2f}", scores.after))
+    report = {**asdict(calibration), "bins": ECE_BINS, "ece_before": scores.before.ece(),
+              "ece_after": scores.after.ece()}
+    return report, plot_reliability(panels, model_dir / "reliability.png")
 
 
 def evaluate_and_write(model_dir: Path, spec: ModelSpec, outcome: FitOutcome, summary: FeaturesSummary,
                        tc: TrainingConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    """Score the best weights on the whole test split, streamed; write metrics.json and plots."""
+    """Fit the temperature on the val split (``training.calibrate``), then score the best weights on
+    the whole test split, streamed; write calibration.json, metrics.json and plots."""
     model = spec.build()
     model.load_state_dict(outcome.best_state)
+    val = summary.rows("val")
+    calibration = (fit_calibration(model, val.stream(summary.snapshot, tc.eval_batch_size), val.split)
+                   if tc.calibrate else Calibration())
+    save_calibration(model_dir, calibration)
     test = summary.rows("test").stream(summary.snapshot, tc.eval_batch_size)
-    scores, weights = score(model, test, spec.classes, spec.modalities)
-    metrics = scores.result(spec.classes)
+    scores = score(model, test, spec.classes, spec.modalities, calibration.temperature)
+    metrics = scores.metrics.result(spec.classes)
     plots = [plot_confusion(metrics["confusion_matrix"], spec.classes, model_dir / "confusion_matrix.png"),
              plot_curves(outcome.history, outcome.best_epoch, model_dir / "training_curves.png")]
-    if weights is not None and weights.n:
-        plots.append(plot_modality_weights(weights.mean_where_present(), spec.modalities,
+    if scores.weights is not None and scores.weights.n:
+        plots.append(plot_modality_weights(scores.weights.mean_where_present(), spec.modalities,
                                            model_dir / "modality_weights.png"))
-        metrics["modality_weights"] = weights.mean()
+        metrics["modality_weights"] = scores.weights.mean()
+    metrics["robustness"] = scores.robustness.result()
+    plots.append(plot_robustness(metrics["robustness"], model_dir / "robustness.png"))
+    metrics["calibration"], reliability = calibration_report(scores, calibration, model_dir)
+    plots.append(reliability)
     metrics.update(
         fusion=spec.fusion, modalities=spec.modalities, classes=spec.classes, best_epoch=outcome.best_epoch,
         val_macro_f1=outcome.best_f1, history=outcome.history, resumed_at=outcome.resumed_at,
@@ -333,7 +378,8 @@ def train(cfg: Config, store: str, *, fusion: str | None = None, modalities: lis
     fusion = fusion or tc.fusion
     modalities = check_request(store, fusion, modalities or tc.modalities, tc.features_version)
     name = name or tc.name or default_name(fusion, modalities)
-    summary = summarize(open_snapshot(store, tc.features_version), modalities, use_augmented=tc.use_augmented)
+    summary = summarize(open_snapshot(store, tc.features_version), modalities, use_augmented=tc.use_augmented,
+                        branches=tc.branches)
     spec = model_spec(summary, tc, fusion)
     spec.build()   # fail on a bad fusion name / extra before any worker starts
     model_dir, run_dir = prepare_run(store, name)

@@ -8,7 +8,7 @@ import soxr
 from pydantic import Field
 
 from stages import dsp
-from stages.features.base import Encoder, EncoderParams, register_encoder
+from stages.features.base import Encoder, EncoderParams, SequenceParams, register_encoder
 from stages.features.hf import HFEncoder, HFParams, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
 from stages.features.torch_encoder import equal_length_groups, masked_mean, pad_stack
@@ -29,7 +29,7 @@ def load_wave(data: bytes, sample_rate: int, max_seconds: float, min_samples: in
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-class LogMelParams(EncoderParams):
+class LogMelParams(SequenceParams):
     sample_rate: int = Field(16000, ge=1000)
     n_mels: int = Field(64, ge=8)
     n_mfcc: int = Field(20, ge=1)
@@ -60,10 +60,26 @@ class LogMelAudioEncoder(Encoder):
         p = self.params
         return [load_wave(v, p.sample_rate, p.max_seconds, min_samples=p.n_fft) for v in values]
 
+    @classmethod
+    def sequence_dim(cls, params: EncoderParams) -> int:
+        return params.n_mels + params.n_mfcc   # a frame: its log-mel bands and MFCCs (dB / 10)
+
     def encode(self, prepped: list[Any]) -> np.ndarray:
+        self._frames = {}
         return np.stack([self._stats(w) for w in prepped])
 
-    def _stats(self, wave: np.ndarray) -> np.ndarray:
+    def encode_sequence(self, prepped: list[Any]) -> list[np.ndarray]:
+        """Log-mel + MFCC frames averaged into ``sequence`` equal stretches of the clip (a clip with
+        fewer STFT frames keeps its own); the frames ``encode`` just computed are reused."""
+        out = []
+        for wave in prepped:
+            frames = self._frames.get(id(wave)) if hasattr(self, "_frames") else None
+            frames = frames if frames is not None else np.concatenate(self._blocks(wave)[:2]).T
+            stretches = np.array_split(frames, min(len(frames), self.params.sequence))
+            out.append(np.stack([s.mean(axis=0) for s in stretches]))
+        return out
+
+    def _blocks(self, wave: np.ndarray) -> list[np.ndarray]:
         p = self.params
         mag = dsp.magnitude(wave, p.n_fft, p.hop_length)
         mel_db = dsp.power_to_db(dsp.mel_filterbank(p.sample_rate, p.n_fft, p.n_mels) @ mag ** 2, top_db=80.0)
@@ -71,7 +87,12 @@ class LogMelAudioEncoder(Encoder):
         spectral = dsp.spectral_stats(mag, wave, p.sample_rate, p.n_fft, p.hop_length)
         spectral[:3] /= p.sample_rate / 2   # centroid, bandwidth, roll-off as fractions of Nyquist
         # dB / 10 keeps the mel and MFCC blocks in a range comparable to the spectral ratios.
-        blocks = [mel_db / 10.0, mfcc / 10.0, spectral]
+        return [mel_db / 10.0, mfcc / 10.0, spectral]
+
+    def _stats(self, wave: np.ndarray) -> np.ndarray:
+        blocks = self._blocks(wave)
+        if self.params.sequence:
+            self._frames[id(wave)] = np.concatenate(blocks[:2]).T
         return np.concatenate([np.concatenate([b.mean(axis=1), b.std(axis=1)]) for b in blocks]).astype(np.float32)
 
 

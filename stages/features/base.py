@@ -32,6 +32,14 @@ class EncoderParams(BaseModel):
 
     # Options that change throughput only, left out of the stage fingerprint.
     RUNTIME_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    # Options added after stores were written: at their defaults they leave the fingerprint as it was.
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset({"sequence"})
+
+
+class SequenceParams(EncoderParams):
+    """For encoders that can also store a sequence (``<m>_seq``) next to the pooled vector."""
+
+    sequence: int = Field(0, ge=0, le=1024)   # frames of the stored sequence (padded / pooled to it); 0: none
 
 
 class Encoder:
@@ -77,8 +85,32 @@ class Encoder:
     @classmethod
     def fingerprint_params(cls, params: EncoderParams) -> dict[str, Any]:
         """What identifies this encoder's output: name, version and the options that matter."""
-        options = params.model_dump(mode="json", exclude=set(params.RUNTIME_ONLY))
+        later = {k for k in params.ADDED_LATER if k in type(params).model_fields
+                 and getattr(params, k) == type(params).model_fields[k].default}
+        options = params.model_dump(mode="json", exclude=set(params.RUNTIME_ONLY) | later)
         return {"encoder": cls.name, "encoder_version": cls.version, "options": options}
+
+    # -- sequences (encoders whose Params derive from SequenceParams) --------------------------
+    @classmethod
+    def sequence_dim(cls, params: EncoderParams) -> int:
+        """Width of one frame of the stored sequence; 0: the encoder stores none."""
+        return 0
+
+    def encode_sequence(self, prepped: list[Any]) -> list[np.ndarray]:
+        """Payloads -> one (frames, sequence_dim) float32 array each, frames <= params.sequence."""
+        raise NotImplementedError
+
+    def sequences(self, prepped: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_sequence`` zero-padded to (n, params.sequence, sequence_dim), and the real lengths."""
+        frames, dim = self.params.sequence, self.sequence_dim(self.params)
+        out = np.zeros((len(prepped), frames, dim), np.float32)
+        lengths = np.zeros(len(prepped), np.int32)
+        for i, seq in enumerate(self.encode_sequence(prepped)):
+            seq = np.asarray(seq, np.float32)[:frames]
+            if seq.ndim != 2 or seq.shape[1] != dim:
+                raise ValueError(f"encoder {self.name!r} returned a sequence of shape {seq.shape}, expected (<= {frames}, {dim})")
+            out[i, :len(seq)], lengths[i] = seq, len(seq)
+        return out, lengths
 
 
 ENCODERS: dict[str, dict[str, type[Encoder]]] = {}

@@ -97,7 +97,7 @@ class FeaturePrepStage(EncoderStage):
 class FeatureStage(EncoderStage):
     """``features.<m>``: encodes live rows in sub-batches of ``options.batch_size``."""
 
-    writes = ("{modality}_emb", "has_{modality}")
+    writes = ("{modality}_emb", "has_{modality}", "{modality}_seq", "{modality}_seq_len")   # _seq: with ``sequence``
 
     def process(self, batch: Batch) -> Batch:
         m = self.modality
@@ -110,13 +110,22 @@ class FeatureStage(EncoderStage):
         order = sorted(payloads, key=lambda i: _size(payloads[i]))
         emb = np.zeros((n, self.encoder.dim), dtype=np.float32)
         has = np.zeros(n, dtype=bool)
+        frames = getattr(self.encoder.params, "sequence", 0)
+        seq_dim = self.encoder.sequence_dim(self.encoder.params) if frames else 0
+        if seq_dim:
+            seq, lengths = np.zeros((n, frames, seq_dim), np.float32), np.zeros(n, np.int32)
         step = self.encoder.params.batch_size
         for start in range(0, len(order), step):
             chunk = order[start:start + step]
-            emb[chunk] = self.encoder.embed([payloads[i] for i in chunk])
+            prepped = [payloads[i] for i in chunk]
+            emb[chunk] = self.encoder.embed(prepped)
+            if seq_dim:
+                seq[chunk], lengths[chunk] = self.encoder.sequences(prepped)
             has[chunk] = True
         batch[f"{m}_emb"] = emb
         batch[f"has_{m}"] = has
+        if seq_dim:
+            batch[f"{m}_seq"], batch[f"{m}_seq_len"] = seq, lengths
         return batch
 
 

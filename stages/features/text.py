@@ -9,20 +9,23 @@ import mmh3
 import numpy as np
 from pydantic import Field
 
-from stages.features.base import Encoder, EncoderParams, MissingWeights, register_encoder
+from stages.features.base import Encoder, EncoderParams, MissingWeights, SequenceParams, register_encoder
 from stages.features.hf import HFEncoder, HFParams, how_to_provide, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
 from stages.features.torch_encoder import masked_mean, pad_stack
 from stages.registry import register_stage
 
 
-class HashedParams(EncoderParams):
+class HashedParams(SequenceParams):
     word_features: int = Field(512, ge=8)
     char_features: int = Field(512, ge=0)           # 0 turns character n-grams off
     word_ngrams: tuple[int, int] = (1, 2)
     char_ngrams: tuple[int, int] = (2, 4)
     sublinear_tf: bool = True                       # 1 + log(tf) instead of raw counts
     lowercase: bool = True
+    token_dim: int = Field(32, ge=4, le=512)        # with ``sequence``: each word as a hashed +-1 vector this wide
+
+    ADDED_LATER: ClassVar[frozenset[str]] = SequenceParams.ADDED_LATER | {"token_dim"}
 
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")   # scikit-learn's default token pattern
@@ -75,6 +78,25 @@ class HashedTextEncoder(Encoder):
     @classmethod
     def dim_for(cls, params: EncoderParams) -> int:
         return params.word_features + params.char_features
+
+    @classmethod
+    def sequence_dim(cls, params: EncoderParams) -> int:
+        return params.token_dim
+
+    def encode_sequence(self, prepped: list[Any]) -> list[np.ndarray]:
+        """The first ``sequence`` words in order, each a fixed pseudo-random +-1 / sqrt(token_dim)
+        vector drawn from its MurmurHash3 (a hashed vocabulary: no fitting, same word same vector)."""
+        d = self.params.token_dim
+        out = []
+        for text in prepped:
+            words = _WORD.findall(str(text).lower() if self.params.lowercase else str(text))[: self.params.sequence]
+            if not words:
+                out.append(np.zeros((0, d), np.float32))
+                continue
+            bits = np.array([[mmh3.hash(w, seed) for seed in range(0, d, 32)] for w in words], np.int64).reshape(-1)
+            signs = ((bits.astype(np.uint32)[:, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(len(words), -1)[:, :d]
+            out.append(((signs * 2.0 - 1.0) / np.sqrt(d)).astype(np.float32))
+        return out
 
     def counts(self, texts: list[str], analyzer, n_features: int) -> np.ndarray:
         """Occurrences of each hashed n-gram: a (len(texts), n_features) float32 matrix."""

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from stages.base import Batch
-from stages.features.base import Encoder, EncoderParams, register_encoder
+from stages.features.base import Encoder, EncoderParams, SequenceParams, register_encoder
 from stages.features.hf import HFEncoder, HFParams, load_companion
 from stages.features.image import HistImageEncoder, HistParams, TorchvisionImageEncoder, TorchvisionParams
 from stages.features.stage import FeaturePrepStage, FeatureStage
@@ -37,7 +37,7 @@ def clip_indices(n: int, length: int) -> np.ndarray:
 
 
 # -- weight-free: per-frame histograms pooled over time, plus motion ---------------------------
-class FrameStatsParams(HistParams):
+class FrameStatsParams(HistParams, SequenceParams):
     motion_size: int = Field(32, ge=8)       # motion is measured on a luminance grid this many cells wide
     direction_bins: int = Field(4, ge=2)     # motion orientation histogram over 0..180 degrees
     motion_grid: int = Field(4, ge=1)        # grid x grid cells of motion energy
@@ -122,6 +122,13 @@ class FrameStatsVideoEncoder(Encoder):
 
     def encode(self, prepped: list[Any]) -> np.ndarray:
         return np.stack([self._clip(frames) for frames in prepped])
+
+    @classmethod
+    def sequence_dim(cls, params: EncoderParams) -> int:
+        return HistImageEncoder.dim_for(params)   # a frame: its hist descriptor, in order
+
+    def encode_sequence(self, prepped: list[Any]) -> list[np.ndarray]:
+        return [self.frame_encoder.encode(list(frames)) for frames in prepped]
 
     def _clip(self, frames: np.ndarray) -> np.ndarray:
         per_frame = self.frame_encoder.encode(list(frames))
