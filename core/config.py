@@ -180,6 +180,25 @@ class AlignConfig(Strict):
     eval_rows: int = Field(5000, ge=2)      # test rows retrieval is measured over (all pairs of them)
 
 
+class TuneConfig(Strict):
+    """``mmpipe tune``: a Ray Tune sweep, early-stopped by ASHA, over ``training``'s fusion, hidden,
+    lr, dropout and modality_dropout (every other training setting is the ``training`` section's)."""
+
+    samples: int = Field(8, ge=1)              # trials
+    max_concurrent: int = Field(2, ge=1)       # trials running at a time
+    epochs: int | None = Field(None, ge=1)     # most epochs a trial (and the best model) runs; None: training.epochs
+    grace_period: int = Field(2, ge=1)         # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: float = Field(3.0, gt=1)  # ASHA: a trial goes on past a rung if in the top 1/reduction_factor
+    # A trial's training loop: ``local`` runs it in the trial's own actor (cpus_per_trial); ``ray``
+    # launches Ray Train workers from the trial (training.num_workers x training.cpus_per_worker).
+    engine: Literal["local", "ray"] = "local"
+    cpus_per_trial: float = Field(1.0, gt=0)
+    name: str | None = None                    # models/<name>/; None: tune-<fusion, or mixed>
+    # Overrides of the search space, by training key: a list of choices (fusion, hidden), [lo, hi]
+    # for a range (lr: log-uniform; dropout, modality_dropout: uniform), or one value to fix it.
+    space: dict[str, Any] = Field(default_factory=dict)
+
+
 class Config(Strict):
     name: str = "mmpipe"
     seed: int = 0
@@ -194,6 +213,7 @@ class Config(Strict):
     stages: dict[str, Any] = Field(default_factory=dict)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @field_validator("stages")
     @classmethod

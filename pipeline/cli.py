@@ -291,7 +291,7 @@ def _default_config(name: str) -> Path:
 
 
 # Commands that live beside the code they drive: each module has ``register(app, config_loader)``.
-COMMAND_MODULES = ("pipeline.jobs", "pipeline.serve", "pipeline.export", "pipeline.search")
+COMMAND_MODULES = ("pipeline.jobs", "pipeline.serve", "pipeline.export", "pipeline.search", "pipeline.tune")
 
 
 def _register_commands() -> None:

@@ -18,7 +18,7 @@ ALLOWED = {
 }
 # The CLI: the one place that knows both pipeline/ and training/ (its commands that join a
 # pipeline's stages to a trained model live beside it: search, and the serving replica).
-CLI = ("pipeline/cli.py", "pipeline/search.py", "pipeline/serve.py", "pipeline/serve_model.py")
+CLI = ("pipeline/cli.py", "pipeline/search.py", "pipeline/serve.py", "pipeline/serve_model.py", "pipeline/tune.py")
 
 
 def imported_packages(path: Path) -> set[str]:

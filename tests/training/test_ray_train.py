@@ -67,6 +67,7 @@ def test_predict_table_reproduces_the_test_accuracy(trained):
     assert accuracy == pytest.approx(result.metrics["accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow   # ~35 s: make test-slow (CI runs it); the streamed path is covered by the tests around it
 def test_a_large_train_split_is_shuffled_by_block_order_and_a_buffer(ray_local, tmp_path, monkeypatch):
     """Past GLOBAL_SHUFFLE_ROWS the train split is not shuffled globally (its reduce tasks would
     hold whole partitions): block order plus each worker's shuffle buffer, and it still learns."""
@@ -94,6 +95,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch)
     assert epochs == [0, 1, 2, 3], (result.metrics["resumed_at"], epochs)
 
 
+@pytest.mark.slow   # ~30 s: make test-slow (CI runs it); align's loop is tested on the local engine in test_align.py
 def test_align_on_the_ray_engine(tmp_path, ray_local, monkeypatch):
     """``mmpipe align`` on Ray Train (the same engine as here): two DDP workers, the pairs streamed to them from the snapshot (never loaded by the driver),
     one checkpoint per epoch in the store's Ray Train folder (what a relaunch resumes from)."""
