@@ -17,7 +17,10 @@ answers per row: ``None`` (kept and registered) or the kept id the row duplicate
   ``video_phash_threshold``: the same clip re-encoded, rescaled or recoloured, not a sub-clip),
   audio exactly.
 
-The first row seen wins: rows already in the store before this run's rows.
+The first row seen wins: rows already in the store before this run's rows; within a block, the
+earlier row. Blocks in flight together reach the index in the order they finish, so which of two
+duplicates in different blocks of one run is kept can differ between runs of the same input (the
+other is always rejected with the kept id; a rerun keeps what the store holds).
 
 The index keeps its rows in numpy arrays (``_Shard``), no Python object per row, and reads the
 stored signatures itself, streamed from the store. A store of more than ``rows_per_shard`` rows
