@@ -47,7 +47,7 @@ def test_every_fusion_beats_the_best_single_modality(store):
     for fusion, f1 in fused.items():
         assert f1 > max(single) + 0.1, (fusion, f1, single)
     text = path.read_text()
-    assert "| model | modalities | accuracy | macro-F1 |" in text and "image+text+audio" in text
+    assert "| model | modalities | branches | accuracy | macro-F1 |" in text and "image+text+audio | pooled" in text
     metrics = json.loads((path.parent / "compare-gated-image+text+audio" / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "per_class", "confusion_matrix",
                 "roc_auc", "fusion", "modalities", "classes", "best_epoch", "history"):

@@ -85,7 +85,7 @@ def test_compare_reports_robustness_per_model(store):
         assert r["temperature"] > 0 and 0 <= r["ece"] <= 1
         assert [e["modalities"] for e in r["robustness"]] == [list(s) for s in modality_subsets(r["modalities"])]
     text = path.read_text()
-    assert "| model | modalities | image alone | text alone | all |" in text
+    assert "| model | modalities | branches | image alone | text alone | all |" in text
     fused = {tuple(e["modalities"]): e["accuracy"] for e in rows[0]["robustness"]}
-    assert f"| late | image+text | {fused[('image',)]:.3f} | {fused[('text',)]:.3f} | " in text
-    assert f"| concat | image | {rows[1]['robustness'][0]['accuracy']:.3f} | - | " in text
+    assert f"| late | image+text | pooled | {fused[('image',)]:.3f} | {fused[('text',)]:.3f} | " in text
+    assert f"| concat | image | pooled | {rows[1]['robustness'][0]['accuracy']:.3f} | - | " in text

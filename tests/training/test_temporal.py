@@ -86,6 +86,25 @@ def test_a_gru_over_the_frames_hears_the_order_that_pooling_loses(ordered_store)
     assert preds == ["low-high", "high-low"] * 3
 
 
+def test_compare_sets_each_temporal_branch_against_its_pooled_vector(ordered_store):
+    from training.compare import compare, comparison_runs
+
+    cfg, store = ordered_store
+    tc = cfg.training.model_copy(update={"branches": {"audio": "gru"}, "fusion": "concat", "epochs": 2})
+    gru_cfg = cfg.model_copy(update={"training": tc})
+    runs = comparison_runs(gru_cfg, str(store), ["concat", "late"])
+    assert [(r.fusion, r.modalities, r.label) for r in runs] == [
+        ("concat", ["audio"], "audio:gru"), ("late", ["audio"], "audio:gru"), ("concat", ["audio"], "pooled")]
+    path = compare(gru_cfg, str(store), ["late"])
+    rows = {r["name"]: r for r in json.loads((path.parent / "compare.json").read_text())}
+    assert set(rows) == {"compare-late-audio-audio.gru", "compare-concat-audio"}
+    assert rows["compare-late-audio-audio.gru"]["branches"] == {"audio": "gru"} and rows["compare-concat-audio"]["branches"] == {}
+    saved = json.loads((path.parent / "compare-late-audio-audio.gru" / "metrics.json").read_text())
+    assert saved["training"]["branches"] == {"audio": "gru"}
+    text = path.read_text()
+    assert "| late | audio | audio:gru | " in text and "| concat | audio | pooled | " in text
+
+
 @pytest.mark.parametrize("fusion", ["concat", "late", "attention", "gated", "transformer"])
 @pytest.mark.parametrize("kind", BRANCHES)
 def test_every_branch_works_with_every_fusion_and_masks_by_length(fusion, kind):
