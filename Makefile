@@ -40,7 +40,7 @@ demo: install
 	$(VENV)/bin/mmpipe demo
 
 test: install
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=25
 
 test-slow: install
 	$(VENV)/bin/pytest -q -m slow
