@@ -182,7 +182,7 @@ class AlignConfig(Strict):
 
 class TuneConfig(Strict):
     """``mmpipe tune``: a Ray Tune sweep, early-stopped by ASHA, over ``training``'s fusion, hidden,
-    lr, dropout and modality_dropout (every other training setting is the ``training`` section's)."""
+    lr, dropout, modality_dropout and branches (every other training setting is the ``training`` section's)."""
 
     samples: int = Field(8, ge=1)              # trials
     max_concurrent: int = Field(2, ge=1)       # trials running at a time
@@ -196,6 +196,8 @@ class TuneConfig(Strict):
     name: str | None = None                    # models/<name>/; None: tune-<fusion, or mixed>
     # Overrides of the search space, by training key: a list of choices (fusion, hidden), [lo, hi]
     # for a range (lr: log-uniform; dropout, modality_dropout: uniform), or one value to fix it.
+    # branches: the kinds (pooled, gru, lstm, cnn, transformer; default [pooled, gru, cnn]) drawn for
+    # each trained modality whose sequence the features table holds; with none stored it is not searched.
     space: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -31,9 +31,9 @@ from core.config import AlignConfig, Config, ConfigError, TrainingConfig
 from training.data import LABEL, Arrays, iterate, model_inputs, to_arrays, to_tensors
 from training.loop import Collective, TorchCollective, lr_factor, seed_everything
 from training.stream import READ_ROWS, Snapshot, SplitRows, discover_dims, open_snapshot
-from training.train import _cpus_per_worker, _stage_fingerprints, check_features, prepare_run, resolve_modalities
+from training.train import (_cpus_per_worker, _stage_fingerprints, check_features, check_local_size, prepare_run,
+                            resolve_modalities)
 
-LOCAL_MAX_ROWS = 200_000   # the local engine holds the train and val pairs in memory
 RECALL_AT = (1, 5, 10)
 
 
@@ -235,9 +235,7 @@ def run_epoch(state: AlignState, batches: Iterable[dict[str, Tensor]], val: Call
 
 def _fit_local(summary: AlignSummary, spec: AlignSpec, ac: AlignConfig, tc: TrainingConfig, run_dir: str) -> AlignState:
     rows = summary.counts.get("train", 0) + summary.counts.get("val", 0)
-    if rows > LOCAL_MAX_ROWS:
-        raise ConfigError(f"training.engine=local holds the train and val pairs in memory ({rows} rows, at most "
-                          f"{LOCAL_MAX_ROWS}); use training.engine=ray, which streams them")
+    check_local_size(rows, summary.dims, "the train and val pairs")   # training.train.LOCAL_MAX_BYTES
     seed_everything(ac.seed)
     train = summary.rows("train").load(summary.snapshot)
     val = summary.rows("val").load(summary.snapshot)

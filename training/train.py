@@ -3,7 +3,7 @@
 The driver never holds the table: class names, dims and counts come from ``training.stream``'s
 aggregates over a pinned snapshot, Ray Data feeds the Ray Train workers from that snapshot, and
 the test split is scored batch by batch. The local engine reads the train and val splits into
-memory and is meant for small tables (``LOCAL_MAX_ROWS``).
+memory and is meant for small tables (``LOCAL_MAX_BYTES``).
 
 ``train(cfg, store)`` writes ``<store>/models/<name>/``: model.pt (best checkpoint by validation
 macro-F1, with what ``predict`` needs to rebuild it), metrics.json, PNG plots. With the Ray engine
@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 GLOBAL_SHUFFLE_ROWS = 200_000   # train rows up to which each epoch is a full random shuffle
 SHUFFLE_BUFFER_ROWS = 20_000    # rows each worker's iterator shuffles in, above that
 FAULT_ENV = "MMPIPE_TRAIN_FAULT"   # "EPOCH:MARKER": the last worker exits at EPOCH once (tests)
-# The local engine holds the train and val splits in this process; bigger tables take the Ray
-# engine, which streams them. (A ``training.local_max_rows`` setting would belong in core/config.py.)
-LOCAL_MAX_ROWS = 200_000
+# The local engine holds the train and val splits in this process, as wide as the model's inputs
+# (a stored sequence is frames x dims per row); bigger tables take the Ray engine, which streams them.
+LOCAL_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -77,12 +77,32 @@ def _outcome(state: dict[str, Any]) -> FitOutcome:
 # ---------------------------------------------------------------- engines
 
 
+def local_row_bytes(dims: dict[str, int]) -> int:
+    """Bytes one row takes in the local engine's arrays: per modality its float32 input (a packed
+    sequence for a temporal branch) and mask, and the int64 label."""
+    return sum(4 * (d + 1) for d in dims.values()) + 8
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def check_local_size(rows: int, dims: dict[str, int], what: str) -> None:
+    """A ``ConfigError`` when ``rows`` of these widths would not fit ``LOCAL_MAX_BYTES`` in memory."""
+    width = local_row_bytes(dims)
+    if rows * width > LOCAL_MAX_BYTES:
+        raise ConfigError(f"training.engine=local holds {what} in memory ({rows} rows x {_bytes(width)} = "
+                          f"{_bytes(rows * width)}, at most {_bytes(LOCAL_MAX_BYTES)}); "
+                          f"use training.engine=ray, which streams them")
+
+
 def local_data(summary: FeaturesSummary, tc: TrainingConfig) -> TrainingData:
     """The train and val splits in memory, as the local engine (and a local Tune trial) trains on them."""
-    rows = summary.n_train + (summary.n_val or summary.n_train)
-    if rows > LOCAL_MAX_ROWS:
-        raise ConfigError(f"training.engine=local holds the train and val splits in memory ({rows} rows, "
-                          f"at most {LOCAL_MAX_ROWS}); use training.engine=ray, which streams them")
+    check_local_size(summary.n_train + (summary.n_val or summary.n_train), summary.dims, "the train and val splits")
     snap = summary.snapshot
     train = summary.rows("train", use_augmented=tc.use_augmented).load(snap)
     return TrainingData(summary.classes, summary.modalities, summary.dims, train, summary.rows("val").load(snap),

@@ -1,10 +1,12 @@
-"""Hyperparameter sweeps: Ray Tune over the fusion, hidden size, lr and dropouts, early-stopped by ASHA.
+"""Hyperparameter sweeps: Ray Tune over the fusion, hidden size, lr, dropouts and the branch of each
+modality whose sequence the store holds (pooled or temporal), early-stopped by ASHA.
 
 Every trial trains with ``mmpipe train``'s loop and reports the validation macro-F1 after each
 epoch: the local engine runs ``loop.fit_local`` in the trial's own actor (its state, RNG included,
 checkpointed every epoch), the Ray engine launches Ray Train workers from the trial
 (``train._fit_ray`` with a callback that forwards each epoch's report to Tune). ASHA stops the
-trials that trail at its rungs.
+trials that trail at its rungs. With a branch search the trials' inputs are read once both ways,
+each searched modality pooled and as its sequence, and every trial takes the columns its branches read.
 
 The sweep lives under ``<store>/models/_tune/<name>``: the same command again restores it
 (``Tuner.restore``): finished trials are kept, unfinished and failed ones go on from their last
@@ -22,10 +24,11 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext, redirect_stdout
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import pyarrow.compute as pc
 import torch
 from pydantic import ValidationError
 from ray import tune
@@ -34,8 +37,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from core.config import Config, ConfigError, TrainingConfig
+from core.store import Store
 from training.data import TrainingData
-from training.fusion import FUSIONS, check_fusion
+from training.fusion import BRANCHES, FUSIONS, check_fusion
 from training.loop import EpochStats, TrainState, fit_local, model_spec
 from training.stream import FeaturesSummary, open_snapshot, summarize
 from training.train import _fit_ray, check_features, local_data, resolve_modalities, train
@@ -72,7 +76,10 @@ KNOBS: dict[str, Knob] = {
     "lr": Knob("loguniform", (3e-4, 1e-2)),
     "dropout": Knob("uniform", (0.0, 0.4)),
     "modality_dropout": Knob("uniform", (0.0, 0.4)),
+    # per modality with a stored sequence (none stored: not searched); a temporal branch reads it
+    "branches": Knob("choice", ("pooled", "gru", "cnn")),
 }
+BRANCH_KINDS = ("pooled", *BRANCHES)
 
 
 def _check_value(key: str, value: Any) -> Any:
@@ -82,6 +89,10 @@ def _check_value(key: str, value: Any) -> Any:
             return check_fusion(str(value))
         except ConfigError as exc:
             raise ConfigError(f"tune.space.fusion: {exc}") from None
+    if key == "branches":
+        if value not in BRANCH_KINDS:
+            raise ConfigError(f"tune.space.branches: unknown branch {value!r}; known: {', '.join(BRANCH_KINDS)}")
+        return value
     try:
         return getattr(TrainingConfig(**{key: value}), key)
     except ValidationError as exc:
@@ -89,13 +100,21 @@ def _check_value(key: str, value: Any) -> Any:
                           f"({exc.errors()[0]['msg']})") from None
 
 
-def search_space(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The checked space, ``{key: {"kind": ..., "values": [...]}}``; a fixed key is a one-value choice."""
+def search_space(overrides: dict[str, Any], sequences: list[str] | tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The checked space, ``{key: {"kind": ..., "values": [...]}}``; a fixed key is a one-value choice.
+    ``branches`` is searched for each of ``sequences`` (the trained modalities with a stored sequence)
+    and records them as its ``modalities``; without any it is left out."""
     unknown = sorted(set(overrides) - set(KNOBS))
     if unknown:
         raise ConfigError(f"tune.space: unknown key(s) {', '.join(unknown)}; tunable: {', '.join(KNOBS)}")
     space = {}
     for key, knob in KNOBS.items():
+        if key == "branches" and not sequences:
+            given = overrides.get(key, "pooled")
+            if any(_check_value(key, v) != "pooled" for v in (given if isinstance(given, (list, tuple)) else [given])):
+                raise ConfigError("tune.space.branches: the features table holds no sequence of the trained modalities "
+                                  "for a temporal branch; set stages.features.<modality>.params.sequence and run again")
+            continue
         given = overrides.get(key, list(knob.default) if knob.default else sorted(FUSIONS))
         values = list(given) if isinstance(given, (list, tuple)) else [given]
         kind = knob.kind
@@ -110,19 +129,30 @@ def search_space(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if values[0] == values[-1]:
                 kind, values = "choice", values[:1]
         space[key] = {"kind": kind, "values": list(dict.fromkeys(values)) if kind == "choice" else values}
+    if "branches" in space:
+        space["branches"]["modalities"] = list(sequences)
     return space
 
 
 def param_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The space as Ray Tune domains (a one-value choice is a constant)."""
-    domains = {}
-    for key, s in space.items():
+    def domain(s: dict[str, Any]) -> Any:
         values = s["values"]
         if s["kind"] == "choice":
-            domains[key] = values[0] if len(values) == 1 else tune.choice(values)
-        else:
-            domains[key] = (tune.loguniform if s["kind"] == "loguniform" else tune.uniform)(*values)
-    return domains
+            return values[0] if len(values) == 1 else tune.choice(values)
+        return (tune.loguniform if s["kind"] == "loguniform" else tune.uniform)(*values)
+
+    # branches: {modality: kind}, as training.branches takes it, drawn for each modality on its own
+    return {key: {m: domain(s) for m in s["modalities"]} if key == "branches" else domain(s)
+            for key, s in space.items()}
+
+
+def stored_sequences(store: str, modalities: list[str], version: int | None = None) -> list[str]:
+    """The modalities some row of the features table holds a sequence of (a non-null ``<m>_seq_len``)."""
+    ds = Store(store).dataset("features", version)
+    names = set(ds.schema.names) if ds is not None else set()
+    return [m for m in modalities if f"{m}_seq_len" in names
+            and ds.count_rows(filter=pc.field(f"{m}_seq_len").is_valid()) > 0]
 
 
 # ---------------------------------------------------------------- the plan
@@ -162,12 +192,12 @@ def default_tune_name(space: dict[str, dict[str, Any]]) -> str:
 
 
 def plan(cfg: Config, store: str) -> Sweep:
-    """Check the request (``ConfigError``: unknown fusion or key in the space, no features table,
+    """Check the request (``ConfigError``: unknown fusion, branch or key in the space, no features table,
     a rerun with other settings) before Ray starts; pin the features snapshot."""
     tc, tu = cfg.training, cfg.tune
-    space = search_space(tu.space)
     check_features(store, tc.features_version)
     modalities = resolve_modalities(store, tc.modalities, tc.features_version)
+    space = search_space(tu.space, stored_sequences(store, modalities, tc.features_version))
     name = tu.name or default_tune_name(space)
     epochs = tu.epochs or tc.epochs
     base = tc.model_dump(exclude={"name", "features_version", *KNOBS})
@@ -198,6 +228,47 @@ def plan(cfg: Config, store: str) -> Sweep:
 # ---------------------------------------------------------------- trials
 
 
+@dataclass
+class TrialInputs:
+    """What the trials read (a ``FeaturesSummary`` for the Ray engine, the splits in memory for the
+    local one): every modality pooled and, with a branch search, the searched ones as their sequences."""
+
+    pooled: FeaturesSummary | TrainingData
+    sequences: FeaturesSummary | TrainingData | None = None
+
+    def for_branches(self, branches: dict[str, str]) -> FeaturesSummary | TrainingData:
+        """The pooled inputs with each modality on a temporal branch read as its sequence."""
+        temporal = [m for m, kind in branches.items() if kind != "pooled"]
+        if not temporal:
+            return self.pooled
+        pooled, seq = self.pooled, self.sequences
+        changes: dict[str, Any] = {"dims": {m: (seq if m in temporal else pooled).dims[m] for m in pooled.dims},
+                                   "sequences": {m: seq.sequences[m] for m in temporal}}
+        if isinstance(pooled, TrainingData):   # the same rows in the same order: both read one snapshot alike
+            for split in ("train", "val"):
+                changes[split] = {**getattr(pooled, split), **{f"{m}_emb": getattr(seq, split)[f"{m}_emb"] for m in temporal}}
+        return replace(pooled, **changes)
+
+
+def trial_inputs(sweep: Sweep) -> TrialInputs:
+    """The summaries (Ray engine) or the train and val splits (local engine) the trials read."""
+    tc, space = sweep.training(), sweep.settings["space"]
+    snapshot = open_snapshot(sweep.store, sweep.features_version)
+    searched = space["branches"]["modalities"] if "branches" in space else []
+    pooled = summarize(snapshot, tc.modalities, use_augmented=tc.use_augmented)
+    sequences = (summarize(snapshot, tc.modalities, use_augmented=tc.use_augmented,
+                           branches=dict.fromkeys(searched, "gru"))   # any temporal kind: the sequence columns
+                 if searched else None)
+    if tc.engine == "ray":
+        return TrialInputs(pooled, sequences)
+    inputs = TrialInputs(local_data(pooled, tc))
+    if sequences is not None:
+        data = inputs.sequences = local_data(sequences, tc)
+        for split in ("train", "val"):   # the pooled read has every other column
+            setattr(data, split, {f"{m}_emb": getattr(data, split)[f"{m}_emb"] for m in searched})
+    return inputs
+
+
 def _maybe_fail(fault: str | None, epochs: int) -> None:
     """Fault injection for the resume test: the first trial to finish epoch ``at`` raises, once."""
     if not fault:
@@ -212,7 +283,7 @@ def _maybe_fail(fault: str | None, epochs: int) -> None:
     raise RuntimeError(f"injected fault after epoch {epochs} ({FAULT_ENV})")
 
 
-def local_trial(params: dict[str, Any], *, data: TrainingData, base: dict[str, Any], threads: int,
+def local_trial(params: dict[str, Any], *, inputs: TrialInputs, base: dict[str, Any], threads: int,
                 fault: str | None = None) -> None:
     """A trial with the local engine: ``fit_local`` in this actor, checkpointed and reported every epoch."""
     torch.set_num_threads(threads)   # the best model is trained with as many (see ``train_best``)
@@ -237,7 +308,7 @@ def local_trial(params: dict[str, Any], *, data: TrainingData, base: dict[str, A
                         checkpoint=tune.Checkpoint.from_directory(d))
         _maybe_fail(fault, state.epoch)
 
-    fit_local(data, tc, tc.fusion, restore=restore, on_epoch=report)
+    fit_local(inputs.for_branches(tc.branches), tc, tc.fusion, restore=restore, on_epoch=report)
 
 
 class EpochsReport(TuneReportCallback):
@@ -248,10 +319,11 @@ class EpochsReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def ray_trial(params: dict[str, Any], *, summary: FeaturesSummary, base: dict[str, Any], runs: str) -> None:
+def ray_trial(params: dict[str, Any], *, inputs: TrialInputs, base: dict[str, Any], runs: str) -> None:
     """A trial with the Ray engine: a Ray Train run of its own (``runs/<trial id>``), which
     resumes from its own checkpoints when the trial is restored."""
     tc = TrainingConfig(**{**base, **params})
+    summary = inputs.for_branches(tc.branches)
     trial_id = tune.get_context().get_trial_id()
     _fit_ray(summary, tc, model_spec(summary, tc, tc.fusion), f"{runs}/{trial_id}", callbacks=[EpochsReport()])
 
@@ -272,14 +344,13 @@ class Progress(tune.Callback):
         self.log(f"trial {trial.trial_id} failed; the same command resumes it")
 
 
-def _trainable(sweep: Sweep, summary: FeaturesSummary):
+def _trainable(sweep: Sweep, inputs: TrialInputs):
     base = sweep.training().model_dump()
     if sweep.settings["engine"] == "ray":
-        fn = tune.with_parameters(ray_trial, summary=summary, base=base, runs=sweep.path + "/runs")
+        fn = tune.with_parameters(ray_trial, inputs=inputs, base=base, runs=sweep.path + "/runs")
         return tune.with_resources(fn, {"cpu": RAY_TRIAL_CPUS})
-    data = local_data(summary, sweep.training())
     threads = max(1, int(sweep.settings["cpus_per_trial"]))
-    fn = tune.with_parameters(local_trial, data=data, base=base, threads=threads, fault=os.environ.get(FAULT_ENV))
+    fn = tune.with_parameters(local_trial, inputs=inputs, base=base, threads=threads, fault=os.environ.get(FAULT_ENV))
     return tune.with_resources(fn, {"cpu": sweep.settings["cpus_per_trial"]})
 
 
@@ -296,9 +367,9 @@ def _max_concurrent(sweep: Sweep) -> int:
     return max(1, min(wanted, int(spare // (RAY_TRIAL_CPUS + tc.num_workers * tc.cpus_per_worker))))
 
 
-def _tuner(sweep: Sweep, summary: FeaturesSummary, log: Callable[[str], None] | None) -> tune.Tuner:
+def _tuner(sweep: Sweep, inputs: TrialInputs, log: Callable[[str], None] | None) -> tune.Tuner:
     """A new Tuner, or the interrupted one restored from ``sweep.path``."""
-    trainable = _trainable(sweep, summary)
+    trainable = _trainable(sweep, inputs)
     domains = param_space(sweep.settings["space"])
     if sweep.resume:
         return tune.Tuner.restore(sweep.path, trainable=trainable, param_space=domains, resume_errored=True)
@@ -383,6 +454,8 @@ def trial_rows(grid, sweep: Sweep) -> list[TrialRow]:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, dict):   # branches: "audio:gru text:pooled"
+        return " ".join(f"{k}:{v}" for k, v in value.items())
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -398,7 +471,7 @@ def write_tables(sweep: Sweep, rows: list[TrialRow], best: dict[str, Any] | None
     (out / "tune.json").write_text(json.dumps(
         {"name": sweep.name, "features_version": sweep.features_version, "settings": s,
          "trials": [{**asdict(r), "stopped_early": r.stopped_early} for r in rows], "best": best}, indent=2))
-    keys = list(KNOBS)
+    keys = [k for k in KNOBS if k in s["space"]]
     lines = [f"# Tune sweep {sweep.name}", "",
              f"{len(rows)} trials, ASHA on val macro-F1 (grace {s['grace_period']} epochs, reduction factor "
              f"{s['reduction_factor']:g}, at most {s['training']['epochs']} epochs), {s['engine']} engine; "
@@ -469,11 +542,10 @@ def run(cfg: Config, sweep: Sweep, log: Callable[[str], None] | None = None) -> 
     if not sweep.resume:
         (sweep.model_dir / SWEEP_FILE).write_text(json.dumps(
             {"settings": sweep.settings, "features_version": sweep.features_version}, indent=2))
-    summary = summarize(open_snapshot(sweep.store, sweep.features_version), sweep.settings["training"]["modalities"],
-                        use_augmented=sweep.training().use_augmented)
+    inputs = trial_inputs(sweep)
     started = time.perf_counter()
     with redirect_stdout(sys.stderr):   # Tune's banner and tables: stdout is for results
-        grid = _tuner(sweep, summary, log).fit()
+        grid = _tuner(sweep, inputs, log).fit()
     sweep_s = time.perf_counter() - started
     rows = trial_rows(grid, sweep)
     write_tables(sweep, rows)

@@ -1,7 +1,7 @@
 """Audio encoders ("logmel": weight-free; "hf_audio": a transformers model) and the audio feature stages."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import soxr
@@ -9,11 +9,14 @@ from pydantic import Field
 
 from stages import dsp
 from stages.features.base import Encoder, EncoderParams, SequenceParams, register_encoder
-from stages.features.hf import HFEncoder, HFParams, load_companion
+from stages.features.hf import HFEncoder, HFSequenceParams, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
 from stages.features.torch_encoder import equal_length_groups, masked_mean, pad_stack
 from stages.media import decode_audio
 from stages.registry import register_stage
+
+if TYPE_CHECKING:
+    import torch
 
 SPECTRAL_STATS = 6   # centroid, bandwidth, rolloff, flatness, zero-crossing rate, rms: mean and std of each
 
@@ -96,17 +99,21 @@ class LogMelAudioEncoder(Encoder):
         return np.concatenate([np.concatenate([b.mean(axis=1), b.std(axis=1)]) for b in blocks]).astype(np.float32)
 
 
-class HFAudioParams(HFParams):
+class HFAudioParams(HFSequenceParams):
     max_seconds: float = Field(30.0, gt=0)
 
 
 @register_encoder
 class HFAudioEncoder(HFEncoder):
-    """wav2vec2 / HuBERT / AST / CLAP audio via AutoModel + AutoFeatureExtractor; masked mean pooling."""
+    """wav2vec2 / HuBERT / AST / CLAP audio via AutoModel + AutoFeatureExtractor; masked mean pooling.
+    ``sequence: N`` also stores the clip's last hidden states averaged into N equal stretches."""
 
     name = "hf_audio"
     modality = "audio"
     Params: ClassVar[type[EncoderParams]] = HFAudioParams
+    # Stretches, as logmel's sequence: N frames then span the whole clip at any length, where the
+    # first N (about 50 a second) would cover its first instants.
+    pool_frames = True
 
     def load_companions(self) -> None:
         from transformers import AutoFeatureExtractor
@@ -151,6 +158,7 @@ class HFAudioEncoder(HFEncoder):
         frames = None
         if "attention_mask" in inputs and hasattr(self.model, "_get_feature_vector_attention_mask"):
             frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], inputs["attention_mask"])
+        self.keep_frames(prepped, hidden, frames)
         return masked_mean(hidden, frames)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field
 
 from stages.features.base import Encoder, EncoderParams, MissingWeights, SequenceParams, register_encoder
-from stages.features.hf import HFEncoder, HFParams, how_to_provide, load_companion
+from stages.features.hf import HFEncoder, HFSequenceParams, how_to_provide, load_companion
 from stages.features.stage import FeaturePrepStage, FeatureStage
 from stages.features.torch_encoder import masked_mean, pad_stack
 from stages.registry import register_stage
@@ -119,14 +119,15 @@ class HashedTextEncoder(Encoder):
         return np.hstack(blocks).astype(np.float32)
 
 
-class HFTextParams(HFParams):
+class HFTextParams(HFSequenceParams):
     max_length: int = Field(256, ge=2)
     pooling: Literal["mean", "cls"] = "mean"   # ignored for two-tower models (CLIP): their projection
 
 
 @register_encoder
 class HFTextEncoder(HFEncoder):
-    """AutoModel + AutoTokenizer from a local directory; attention-masked mean pooling."""
+    """AutoModel + AutoTokenizer from a local directory; attention-masked mean pooling. ``sequence: N``
+    also stores the first N tokens' last hidden states."""
 
     name = "hf_text"
     modality = "text"
@@ -152,6 +153,7 @@ class HFTextEncoder(HFEncoder):
         if self.dual:
             return self.tower_features(input_ids=ids, attention_mask=mask)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        self.keep_frames(prepped, hidden, mask)
         return hidden[:, 0] if self.params.pooling == "cls" else masked_mean(hidden, mask)
 
 

@@ -212,3 +212,67 @@ def test_torchvision_enum_weights_found_in_hub_cache(tmp_path, monkeypatch, resn
     shutil.copy(resnet_pth, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     enc = get_encoder("image", "torchvision")({"arch": "resnet18", "weights": "IMAGENET1K_V1", "crop_size": 32})
     assert enc.embed(enc.preprocess(images()[:1])).shape == (1, 512)
+
+
+def _last_hidden(enc, **inputs) -> np.ndarray:
+    with torch.no_grad():
+        return enc.model(**{k: torch.as_tensor(v)[None] for k, v in inputs.items()}).last_hidden_state[0].numpy()
+
+
+def test_hf_text_sequence_is_the_first_tokens_last_hidden_states(bert_dir):
+    options = {"model": bert_dir, "max_length": 16, "precision": "fp32"}
+    plain, enc = (get_encoder("text", "hf_text")(options | extra) for extra in ({}, {"sequence": 6}))
+    values = texts()
+    prepped = enc.preprocess(values)
+    emb = enc.embed(prepped)
+    seq, lengths = enc.sequences(prepped)
+    np.testing.assert_array_equal(emb, plain.embed(plain.preprocess(values)))   # the pooled vector as before
+    assert enc.sequence_dim(enc.params) == 32 and seq.shape == (6, 6, 32)
+    assert lengths.tolist() == [3, 6, 6, 6, 4, 6] == [min(len(p), 6) for p in prepped]   # [CLS] words [SEP], up to 6
+    for ids, s, n in zip(prepped, seq, lengths):
+        np.testing.assert_allclose(s[:n], _last_hidden(enc, input_ids=ids)[:n], atol=1e-5)   # padding never seen
+        assert not s[n:].any()
+    whole = get_encoder("text", "hf_text")(options | {"sequence": 16})   # every real token: its mean is the pooled vector
+    seq16, lengths16 = whole.sequences(prepped)
+    assert lengths16.tolist() == [len(p) for p in prepped]
+    np.testing.assert_allclose([s[:n].mean(axis=0) for s, n in zip(seq16, lengths16)], emb, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_hf_audio_sequence_pools_the_frames_into_equal_stretches(norm, wav2vec2_dir, tmp_path):
+    """A clip's frames averaged into N stretches; a clip with N frames or fewer keeps its own."""
+    options = {"model": wav2vec2_dir if norm == "layer" else _wav2vec2(tmp_path, "group"), "precision": "fp32"}
+    plain, enc = (get_encoder("audio", "hf_audio")(options | extra) for extra in ({}, {"sequence": 128}))
+    prepped = enc.preprocess(clips())
+    emb = enc.embed(prepped)
+    seq, lengths = enc.sequences(prepped)
+    np.testing.assert_array_equal(emb, plain.embed(plain.preprocess(clips())))
+    assert seq.shape == (5, 128, 32) and lengths.tolist() == [98, 128, 128, 128, 98]
+    for wave, s, n in zip(prepped, seq, lengths):
+        frames = _last_hidden(enc, input_values=wave)
+        expected = frames if len(frames) <= 128 else np.stack([c.mean(axis=0) for c in np.array_split(frames, 128)])
+        np.testing.assert_allclose(s[:n], expected, rtol=1e-4, atol=1e-5)
+        assert not s[n:].any()
+
+
+def test_hf_sequences_through_the_prep_split_stages(bert_dir, tmp_path):
+    options = {"model": bert_dir, "batch_size": 2, "sequence": 4}
+    plan = plan_feature_stages("text", "hf_text", options)
+    values = texts() + [None]
+    prep_stage = get_stage(plan[0][0])(plan[0][1])
+    split = get_stage(plan[1][0])(plan[1][1])(prep_stage(make_batch("text", values)))
+    direct = get_stage("features.text")(plan[1][1])(make_batch("text", values))
+    assert split["text_seq"].shape == (7, 4, 32) and split["text_seq_len"].tolist() == [3, 4, 4, 4, 4, 4, 0]
+    assert not split["text_seq"][6].any() and not split["text_seq"][0, 3:].any()
+    np.testing.assert_allclose(split["text_seq"], direct["text_seq"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(split["text_emb"], direct["text_emb"], rtol=1e-4, atol=1e-5)
+
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=50)
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, image_size=16,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
+    assert feature_dim("text", "hf_text", {"model": str(tmp_path)}) == 8
+    with pytest.raises(ValueError, match="two-tower model"):   # its features are a projection, not frames
+        feature_dim("text", "hf_text", {"model": str(tmp_path), "sequence": 4})

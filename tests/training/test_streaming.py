@@ -111,7 +111,7 @@ def test_local_engine_streams_its_reads_and_refuses_a_big_table(tmp_path, monkey
     with no_table_in_driver():
         metrics = train(small_config(epochs=2), store, name="small").metrics
     assert metrics["n_train"] > 0 and metrics["features_snapshot"] == 0
-    monkeypatch.setattr("training.train.LOCAL_MAX_ROWS", 50)
+    monkeypatch.setattr("training.train.LOCAL_MAX_BYTES", 1000)
     with pytest.raises(ConfigError, match="training.engine=ray"):
         train(small_config(epochs=2), store, name="too-big")
 

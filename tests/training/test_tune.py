@@ -1,15 +1,18 @@
 """``mmpipe tune``: an ASHA sweep on a tiny store writes its trials (best first) and trains the best
-configuration, which reproduces its trial's validation curve; an interrupted sweep resumes where it
-stopped; user errors are one line before Ray starts."""
+configuration, which reproduces its trial's validation curve; a stored sequence's branch is searched
+too; an interrupted sweep resumes where it stopped; user errors are one line before Ray starts."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from core.config import ConfigError
 from tests.training.conftest import make_features, small_config, write_store
+from tests.training.sequences import with_audio_sequences
 
 TINY = {"hidden": [16, 32]}   # small models: the store has 80 rows
 
@@ -26,6 +29,11 @@ def tiny(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def with_sequences(tmp_path_factory) -> str:
+    return write_store(tmp_path_factory.mktemp("tune-seq-store"), with_audio_sequences(make_features(n=80)))
+
+
+@pytest.fixture(scope="module")
 def swept(ray_session, tiny):
     from training.tune import plan, run
 
@@ -39,6 +47,7 @@ def test_sweep_writes_the_trials_best_first_and_a_model(swept, tiny):
     table = json.loads((model_dir / "tune.json").read_text())
     trials = table["trials"]
     assert len(trials) == 4 and table["settings"]["samples"] == 4
+    assert "branches" not in table["settings"]["space"]   # no sequence stored: no branch to search
     scores = [t["best_val_macro_f1"] for t in trials]
     assert scores == sorted(scores, reverse=True)
     for t in trials:
@@ -71,6 +80,61 @@ def test_the_best_model_reproduces_its_trial(swept):
     else:
         assert metrics["val_macro_f1"] == pytest.approx(row.best_val_macro_f1, abs=1e-6)
     assert best["reproduced"] and best["test_macro_f1"] == metrics["macro_f1"]
+
+
+def test_a_stored_sequence_s_branch_is_searched_and_the_best_model_uses_it(ray_session, with_sequences):
+    """Only audio has stored sequences: each trial draws its audio branch from the default kinds; the
+    best configuration is trained with its branch and reproduces its trial (the same columns)."""
+    from training.tune import plan, run, stored_sequences
+
+    assert stored_sequences(with_sequences, ["image", "text", "audio"]) == ["audio"]
+    cfg = sweep_config(epochs=2, samples=3, name="branches")
+    result = run(cfg, plan(cfg, with_sequences))
+    table = json.loads((result.model_dir / "tune.json").read_text())
+    assert table["settings"]["space"]["branches"] == {"kind": "choice", "values": ["pooled", "gru", "cnn"],
+                                                      "modalities": ["audio"]}
+    drawn = [t["params"]["branches"] for t in table["trials"]]
+    assert all(set(b) == {"audio"} and b["audio"] in ("pooled", "gru", "cnn") for b in drawn)
+    assert any(b["audio"] != "pooled" for b in drawn), drawn
+    text = result.table.read_text()
+    assert "| modality_dropout | branches | best val macro-F1 |" in text
+    assert all(f"audio:{b['audio']}" in text for b in drawn)
+    best = result.trials[0].params["branches"]
+    assert result.best["params"]["branches"] == result.metrics["training"]["branches"] == best
+    spec = torch.load(result.model_dir / "model.pt", weights_only=False)["spec"]
+    temporal = {m: k for m, k in best.items() if k != "pooled"}
+    assert spec["branches"] == temporal and set(spec["sequences"]) == set(temporal)
+    assert spec["dims"]["audio"] == (4 * 3 + 1 if temporal else 6)   # the packed sequence, or the pooled vector
+    assert result.best["reproduced"]
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_trial_reads_what_train_reads_for_its_branches(with_sequences, engine):
+    """The inputs read once both ways, composed for a trial's branches, equal what ``train`` reads
+    for them: the same columns (a packed sequence or the pooled vector), rows and dims."""
+    from training.stream import open_snapshot, summarize
+    from training.train import local_data
+    from training.tune import plan, trial_inputs
+
+    sweep = plan(sweep_config(engine=engine, name=f"inputs-{engine}"), with_sequences)
+    inputs = trial_inputs(sweep)
+    if engine == "local":
+        assert set(inputs.sequences.train) == set(inputs.sequences.val) == {"audio_emb"}   # no second copy of the rest
+    for branches in ({"audio": "pooled"}, {"audio": "cnn"}):
+        tc = sweep.training({"branches": branches})
+        got = inputs.for_branches(tc.branches)
+        want = summarize(open_snapshot(with_sequences), tc.modalities, use_augmented=tc.use_augmented, branches=branches)
+        if engine == "local":
+            want = local_data(want, tc)
+            for split in ("train", "val"):
+                have, expected = getattr(got, split), getattr(want, split)
+                assert have.keys() == expected.keys()
+                for key, column in expected.items():
+                    np.testing.assert_array_equal(have[key], column)
+        else:
+            assert (got.n_train, got.n_val, got.classes) == (want.n_train, want.n_val, want.classes)
+        assert got.dims == want.dims and got.sequences == want.sequences
+        assert got.dims["audio"] == (4 * 3 + 1 if branches["audio"] != "pooled" else 6)
 
 
 def _reports(trial_dir: Path) -> list[int]:
@@ -127,10 +191,28 @@ def test_search_space_checks_and_defaults():
     assert _why_stopped([0.5, 0.4, 0.3], 5, 2) == "patience"
 
 
+def test_branch_search_space():
+    from training.tune import param_space, search_space
+
+    assert "branches" not in search_space({})                    # no stored sequence: nothing to search
+    assert "branches" not in search_space({"branches": "pooled"})
+    space = search_space({"branches": ["gru", "lstm", "gru"]}, ["text", "audio"])
+    assert space["branches"] == {"kind": "choice", "values": ["gru", "lstm"], "modalities": ["text", "audio"]}
+    domains = param_space(space)["branches"]
+    assert set(domains) == {"text", "audio"} and domains["text"] is not domains["audio"]   # drawn independently
+    assert param_space(search_space({"branches": "cnn"}, ["audio"]))["branches"] == {"audio": "cnn"}
+    with pytest.raises(ConfigError, match=r"tune\.space\.branches: unknown branch 'rnn'; known: pooled, gru"):
+        search_space({"branches": ["gru", "rnn"]}, ["audio"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.branches: the features table holds no sequence .*params\.sequence"):
+        search_space({"branches": ["pooled", "gru"]})
+
+
 @pytest.mark.parametrize("args, message", [
     (["--store", "{empty}"], r"no features table at \S+/features; run `mmpipe run` first$"),
     (["--store", "{tiny}", "--samples", "0"], r"bad config value at 'tune\.samples': .*greater than or equal to 1$"),
     (["--store", "{tiny}", "--set", "tune.space.fusion=[concat,nosuch]"], r"tune\.space\.fusion: unknown fusion 'nosuch'"),
+    (["--store", "{tiny}", "--set", "tune.space.branches=[pooled,gru]"],
+     r"tune\.space\.branches: the features table holds no sequence"),
 ])
 def test_cli_user_errors_are_one_line(tiny, tmp_path, monkeypatch, capsys, args, message):
     import re
