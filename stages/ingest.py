@@ -79,14 +79,50 @@ class ScanParams(StageParams):
 class HashCache:
     """The scan's content hashes of local files by stat key, kept between runs of one store in
     ``hashes.parquet`` under its cache folder; only the entries a scan used are saved again, so
-    it does not grow forever. Safe to lose."""
+    it does not grow forever. Safe to lose.
+
+    No Python object per file: the known entries are two sorted arrays (a 16-byte digest of the stat
+    key, the 16-byte content hash), 32 bytes an entry; the entries a scan uses go to a Parquet file
+    beside it as they come, in batches, and replace the cache when the run ends well."""
 
     FILE = "hashes.parquet"
-    KEY = ("path", "size", "mtime_ns", "ctime_ns", "inode")
+    BATCH = 65_536   # used entries buffered before they are written
 
-    def __init__(self, known: dict[tuple, str] | None = None):
-        self.known: dict[tuple, str] = known or {}
-        self.used: dict[tuple, str] = {}
+    def __init__(self, keys: np.ndarray | None = None, shas: np.ndarray | None = None, folder: str = ""):
+        keys = np.zeros(0, "S16") if keys is None else keys
+        shas = np.zeros(0, "S16") if shas is None else shas
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.shas = keys[order], shas[order]
+        self.folder = folder
+        self._used_keys, self._used_shas = bytearray(), bytearray()
+        self._writer = None
+        self._tmp: Path | None = None
+
+    @staticmethod
+    def key(path: str, st: os.stat_result) -> bytes:
+        """The stat key (path, size, mtime, ctime, inode) as a 16-byte digest: a rewritten file gets another."""
+        text = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_many(self, keys: list[bytes]) -> list[str | None]:
+        """The content hash (hex) known for each stat key, or None (one vectorised lookup)."""
+        if not len(self.keys) or not keys:
+            return [None] * len(keys)
+        query = np.array(keys, "S16")   # compared as numpy S16 values, which drop trailing zero bytes alike
+        at = np.minimum(np.searchsorted(self.keys, query), len(self.keys) - 1)
+        hit = (self.keys[at] == query).tolist()
+        hexes = self.shas[at].tobytes().hex()   # 16 bytes each, zero bytes included
+        return [hexes[32 * k:32 * k + 32] if h else None for k, h in enumerate(hit)]
+
+    def use_many(self, keys: list[bytes], shas: list[str]) -> None:
+        """Record that this scan saw these files: their entries are kept for the next run."""
+        self._used_keys += b"".join(keys)
+        self._used_shas += bytes.fromhex("".join(shas))
+        if len(self._used_keys) >= 16 * self.BATCH:
+            self._flush()
 
     @classmethod
     def load(cls, folder: str) -> "HashCache":
@@ -95,28 +131,57 @@ class HashCache:
 
         path = Path(folder) / cls.FILE
         if not folder or not path.is_file():
-            return cls()
+            return cls(folder=folder)
         try:
-            t = pq.read_table(path).to_pydict()
-        except (OSError, pa.ArrowInvalid):
-            return cls()
-        return cls(dict(zip(zip(*(t[k] for k in cls.KEY)), t["sha"])))
+            t = pq.read_table(path, columns=["key", "sha"])
+            keys, shas = (_fixed(t.column(c).combine_chunks(), size) for c, size in (("key", 16), ("sha", 16)))
+        except (OSError, KeyError, ValueError, pa.ArrowInvalid):   # unreadable or another layout: start afresh
+            return cls(folder=folder)
+        return cls(keys, shas, folder)
 
-    def save(self, folder: str) -> None:
+    def _flush(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not folder or not self.used:   # nothing scanned here (a cluster scans in its actors)
+        if not self.folder or not self._used_keys:
+            self._used_keys, self._used_shas = bytearray(), bytearray()
             return
-        cols = list(zip(*self.used.keys())) if self.used else [[] for _ in self.KEY]
-        types = [pa.string()] + [pa.int64()] * (len(self.KEY) - 1)
-        table = pa.table({k: pa.array(c, t) for k, c, t in zip(self.KEY, cols, types)}
-                         | {"sha": pa.array(list(self.used.values()), pa.string())})
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        path = Path(folder) / self.FILE
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        batch = pa.table({"key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self._used_keys) // 16,
+                                                                       [None, pa.py_buffer(bytes(self._used_keys))]),
+                          "sha": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self._used_shas) // 16,
+                                                                       [None, pa.py_buffer(bytes(self._used_shas))])})
+        if self._writer is None:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(self.folder) / f"{self.FILE}.{os.getpid()}.tmp"
+            self._writer = pq.ParquetWriter(self._tmp, batch.schema)
+        self._writer.write_table(batch)
+        self._used_keys, self._used_shas = bytearray(), bytearray()
+
+    def save(self) -> None:
+        """The entries this scan used become the cache (nothing scanned here: the cache stays)."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self._tmp, Path(self.folder) / self.FILE)
+            self._writer = None
+
+    def discard(self) -> None:
+        """A failed run: the entries it used are dropped, the saved cache stays as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = None
+        self._used_keys, self._used_shas = bytearray(), bytearray()
+
+
+def _fixed(column, size: int) -> np.ndarray:
+    """A fixed-size binary Arrow array as a numpy ``S<size>`` array (one copy, no Python objects)."""
+    import pyarrow as pa
+
+    if column.type != pa.binary(size) or column.null_count:
+        raise ValueError(f"expected fixed-size binary({size}) without nulls, got {column.type}")
+    data = column.buffers()[1]
+    return np.frombuffer(data, f"S{size}", count=len(column), offset=column.offset * size).copy()
 
 
 _HASH_CACHES: dict[str, HashCache] = {}   # run id -> the run's cache, in the process that scans
@@ -147,10 +212,10 @@ class IngestScan(Stage):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         self._fetcher = None
-        # (path, size, mtime_ns, ctime_ns, inode) -> content hash, like git's index: an unchanged
+        # stat key (path, size, mtime_ns, ctime_ns, inode) -> content hash, like git's index: an unchanged
         # file is not read again. The run hooks load and save it in the store's cache folder.
-        cache = _HASH_CACHES.get(self.context.run_id) or HashCache()
-        self.hash_cache, self.hash_used = cache.known, cache.used
+        cache = _HASH_CACHES.get(self.context.run_id)
+        self.hash_cache = HashCache() if cache is None else cache   # (an empty one is falsy)
         self.real_dirs: dict[str, str] = {}     # folder -> its real path, for this scan only
 
     @classmethod
@@ -160,8 +225,8 @@ class IngestScan(Stage):
     @classmethod
     def close_run(cls, scope: RunScope, failed: bool) -> None:
         cache = _HASH_CACHES.pop(scope.run_id, None)
-        if cache is not None and not failed:
-            cache.save(scope.cache_dir)
+        if cache is not None:
+            cache.discard() if failed else cache.save()
 
     @property
     def fetcher(self):
@@ -177,15 +242,42 @@ class IngestScan(Stage):
                (*(f"{m}_loc" for m in MEDIA), *(f"sha_{m}" for m in MODALITIES),
                 "reject_stage", "reject_reason", "reject_detail")}
         urls = self._fetch_urls(batch)
+        files: list[tuple[int, str, Path, str, bytes]] = []   # local files to hash: (row, modality, path, ref, key)
         for i in range(n):
             try:
-                self._scan_row(batch, out, i, urls)
+                self._scan_row(batch, out, i, urls, files)
             except Reject as r:
-                out["reject_stage"][i], out["reject_reason"][i], out["reject_detail"][i] = self.name, r.reason, r.detail
-                self.stats.rejected[r.reason] = self.stats.rejected.get(r.reason, 0) + 1
+                self._reject(out, i, r)
+        self._hash_files(out, files)
         out["extra"] = object_column([str(v or "") for v in batch["extra"]]) if "extra" in batch else object_column([""] * n)
         batch.update(out)
         return batch
+
+    def _reject(self, out: Batch, i: int, r: Reject) -> None:
+        out["reject_stage"][i], out["reject_reason"][i], out["reject_detail"][i] = self.name, r.reason, r.detail
+        self.stats.rejected[r.reason] = self.stats.rejected.get(r.reason, 0) + 1
+
+    def _hash_files(self, out: Batch, files: list[tuple[int, str, Path, str, bytes]]) -> None:
+        """Content hashes of the batch's local files: looked up in the hash cache together, read
+        only where the cache has no entry for the file's stat key."""
+        if not files:
+            return
+        keys = [f[4] for f in files]
+        shas = self.hash_cache.get_many(keys)
+        for k, (i, m, path, ref, key) in enumerate(files):
+            if out["reject_reason"][i]:
+                continue
+            if shas[k] is None:
+                try:
+                    data = _read_file(path, ref)
+                except Reject as r:
+                    self._reject(out, i, r)
+                    continue
+                self.stats.bytes_in += len(data)
+                shas[k] = content_hash(data)
+            out[f"sha_{m}"][i] = shas[k]
+        self.hash_cache.use_many([key for key, sha in zip(keys, shas) if sha is not None],
+                                 [sha for sha in shas if sha is not None])
 
     def _fetch_urls(self, batch: Batch) -> dict[str, object]:
         """Fetch every http(s) reference of the batch at once (bounded concurrency)."""
@@ -199,7 +291,7 @@ class IngestScan(Stage):
         results = self.fetcher.fetch_many(wanted)
         return {ref: res for (ref, _), res in zip(wanted, results)}
 
-    def _scan_row(self, batch: Batch, out: Batch, i: int, urls: dict) -> None:
+    def _scan_row(self, batch: Batch, out: Batch, i: int, urls: dict, files: list) -> None:
         if "bad" in batch and batch["bad"][i]:
             raise Reject("bad_record", str(batch["bad"][i]))
         inline = {m: batch[m][i] for m in INLINE}
@@ -209,32 +301,24 @@ class IngestScan(Stage):
         for m, value in inline.items():
             if value:
                 out[f"sha_{m}"][i] = content_hash(value.encode("utf-8", "surrogatepass"))
+        found = []
         for m, ref in refs.items():
             if not ref:
                 continue
-            loc, sha = self._hash_ref(ref, str(batch["base"][i]), urls)
-            out[f"{m}_loc"][i] = loc
-            out[f"sha_{m}"][i] = sha
-
-    def _hash_ref(self, ref: str, base: str, urls: dict) -> tuple[str, str]:
-        """(location, content hash); a local file whose stat matches the hash cache is not read."""
-        if is_url(ref) or ".tar#" in ref:
-            loc, data = self._read_ref(ref, base, urls)
-            self.stats.bytes_in += len(data)
-            return loc, content_hash(data)
-        path = resolve_path(ref, base, self.params.roots, self.real_dirs)
-        try:
-            st = path.stat()
-        except OSError as exc:
-            raise Reject("missing_file", f"{ref}: {exc.strerror}") from None
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        sha = self.hash_cache.get(key)
-        if sha is None:
-            data = _read_file(path, ref)
-            self.stats.bytes_in += len(data)
-            sha = content_hash(data)
-        self.hash_used[key] = sha
-        return str(path), sha
+            base = str(batch["base"][i])
+            if is_url(ref) or ".tar#" in ref:
+                loc, data = self._read_ref(ref, base, urls)
+                self.stats.bytes_in += len(data)
+                out[f"{m}_loc"][i], out[f"sha_{m}"][i] = loc, content_hash(data)
+                continue
+            path = resolve_path(ref, base, self.params.roots, self.real_dirs)
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise Reject("missing_file", f"{ref}: {exc.strerror}") from None
+            out[f"{m}_loc"][i] = str(path)
+            found.append((i, m, path, ref, HashCache.key(str(path), st)))
+        files += found   # hashed with the batch's other files (``_hash_files``), unless the row is rejected here
 
     def _read_ref(self, ref: str, base: str, urls: dict) -> tuple[str, bytes]:
         if is_url(ref):
