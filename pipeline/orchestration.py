@@ -146,19 +146,18 @@ class Pipeline:
         outputs = sorted(cls.columns("writes"))
         self.scan_stats = StageStats(self.scan.name)
         for records in chunks:
-            rows = [_scan_row(rec) for rec in records]
-            if not rows:
+            if not records:
                 continue
             if remote:
-                out, stats = _scan_remote(rows, self.scan, self.context, self.info["num_cpus"])
+                out, stats = _scan_remote([_scan_row(rec) for rec in records], self.scan, self.context,
+                                          self.info["num_cpus"])
                 self.scan_stats.add(stats)
                 yield out
                 continue
             out = []
-            for k in range(0, len(rows), SCAN_BATCH):
-                chunk = rows[k:k + SCAN_BATCH]
-                batch = stage({key: object_column([r[key] for r in chunk]) for key in chunk[0]})
-                out += [{c: batch[c][i] for c in outputs} for i in range(len(chunk))]
+            for k in range(0, len(records), SCAN_BATCH):
+                batch = stage(_scan_batch(records[k:k + SCAN_BATCH]))
+                out += [dict(zip(outputs, values)) for values in zip(*(batch[c] for c in outputs))]
             yield out
         if stage is not None:
             stats = stage.take_stats()
@@ -212,6 +211,16 @@ def _originals():
     import pyarrow.compute as pc
 
     return pc.field("aug") == 0
+
+
+def _scan_batch(records: list[SourceRecord]) -> dict:
+    """``_scan_row`` for a list of records, as the columns of one scan batch."""
+    batch = {key: object_column([getattr(r, key) for r in records]) for key in ("row", "id", "label", "split", "base", "bad", "extra")}
+    for m in MODALITIES:
+        batch[m] = object_column([r.values.get(m) or "" for r in records])
+    for m in MEDIA:
+        batch[f"{m}_ref"] = batch[m].copy()
+    return batch
 
 
 def _scan_row(rec: SourceRecord) -> dict:

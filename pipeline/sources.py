@@ -20,6 +20,7 @@ from stages.modalities import INLINE, MODALITIES, REGISTRY, modality_of_suffix
 MANIFEST_COLUMNS = {"id", "label", "split", *MODALITIES}
 MAX_LINE_BYTES = 64 * 1024 * 1024   # a longer JSONL line is a bad_record, never read whole
 MAX_FIELD_CHARS = 64 * 1024          # id, label, split and media references (texts: cleanup.text's limit)
+_NOT_INLINE = MANIFEST_COLUMNS - set(INLINE)
 
 
 @dataclass
@@ -140,12 +141,16 @@ def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:
     if not isinstance(row, dict):
         return SourceRecord(row=n, id=f"manifest-row-{n + 1}", base=base,
                             bad=f"row {n + 1} is a JSON {type(row).__name__}, not an object")
+    if all(type(v) is str and len(v) <= MAX_FIELD_CHARS for v in row.values()) and row.keys() <= MANIFEST_COLUMNS:
+        values = {m: v for m in MODALITIES if (v := row.get(m)) and not v.isspace()}   # the usual row: strings only
+        return SourceRecord(row=n, id=_clean(row.get("id")) or "", label=_clean(row.get("label")) or "",
+                            split=_clean(row.get("split")) or "", values=values, base=base)
     others = {k: row[k] for k in sorted(row, key=str) if k not in MANIFEST_COLUMNS and row[k] is not None}
     extra = json.dumps(others, sort_keys=True, default=str, ensure_ascii=False) if others else ""
     problem = next((f"{key} is a {type(row[key]).__name__}, not a string"
                     for key in MANIFEST_COLUMNS if isinstance(row.get(key), (dict, list, bool))), None)
     problem = problem or next((f"{key} is {len(str(row[key]))} characters, over {MAX_FIELD_CHARS}"
-                               for key in MANIFEST_COLUMNS - set(INLINE) if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
+                               for key in _NOT_INLINE if len(str(row.get(key) or "")) > MAX_FIELD_CHARS), None)
     problem = problem or (f"its other columns are {len(extra)} characters of JSON, over {MAX_FIELD_CHARS}"
                           if len(extra) > MAX_FIELD_CHARS else None)
     if problem:
