@@ -141,6 +141,7 @@ def _reports(trial_dir: Path) -> list[int]:
     return [json.loads(line)["epochs"] for line in (trial_dir / "result.json").read_text().splitlines()]
 
 
+@pytest.mark.slow   # ~20 s: make test-slow (CI runs it); the sweep itself is covered by the tests around it
 def test_a_rerun_resumes_an_interrupted_sweep(ray_session, tiny, tmp_path, monkeypatch):
     from training.tune import FAULT_ENV, SweepIncomplete, plan, run
 
