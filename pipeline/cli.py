@@ -78,7 +78,6 @@ def train(config: Path = typer.Argument(...),
           set_: list[str] = SetOpt) -> None:
     """Train a fusion classifier with Ray Train from the stored features."""
     cfg = _config(config, set_, store=store, ray__address=address)
-    from pipeline.execution import init_ray
     from training.compare import compare as run_compare, comparison_runs
     from training.train import check_request, train as run_train
 
@@ -89,6 +88,8 @@ def train(config: Path = typer.Argument(...),
         comparison_runs(cfg, cfg.store)
     else:
         check_request(cfg.store, fusion or tc.fusion, tc.modalities if mods is None else mods, tc.features_version)
+    from pipeline.execution import init_ray
+
     init_ray(cfg)
     if compare:
         typer.echo(f"comparison written to {run_compare(cfg, cfg.store)}")

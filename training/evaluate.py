@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
-from sklearn.preprocessing import label_binarize
 
 from training.data import LABEL, Arrays, take
 
@@ -29,6 +27,9 @@ ROC_BINS = 1 << 14
 
 def roc_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
     """One-vs-rest ROC-AUC, macro and per class; None where a class has only one outcome in ``y``."""
+    from sklearn.metrics import roc_auc_score   # ~1 s of imports: not on the way to a CLI error
+    from sklearn.preprocessing import label_binarize
+
     onehot = label_binarize(y, classes=list(range(n_classes)))
     if n_classes == 2:
         onehot = np.hstack([1 - onehot, onehot])
