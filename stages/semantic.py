@@ -44,7 +44,7 @@ from stages.dedup import AUG, _Column, _Strings, originals_to_check, shard_count
 from stages.dedup import close_index as _close_actors
 from stages.registry import register_stage
 
-M, EF_CONSTRUCTION, EF_SEARCH = 16, 128, 64
+M, EF_CONSTRUCTION, EF_SEARCH = 16, 128, 128
 RUN_KEY = 1 << 40          # this run's rows are keyed after every stored row (those: their scan position)
 SAMPLE_ROWS = 16_384       # stored vectors per modality the routing centroids are fit on
 CLUSTERS_PER_SHARD = 4     # more clusters than shards, so that the shards can be balanced by cluster size
