@@ -249,10 +249,7 @@ def _h_strings(*parts: str) -> str:
 HASHED_ALWAYS = ("image", "text", "audio")
 
 
-def _content(r: dict, m: str) -> str:
-    return r.get(f"sha_{m}") or r.get(f"{m}_ref") or ""
-
-
+# A modality's content in the sample hash: its content hash, else its reference, else "".
 _ALWAYS_KEYS = tuple((f"sha_{m}", f"{m}_ref") for m in HASHED_ALWAYS)
 _LATER_KEYS = tuple((m, f"sha_{m}", f"{m}_ref") for m in MODALITIES if m not in HASHED_ALWAYS)
 
@@ -261,7 +258,7 @@ def assign_ids(scanned: list[dict], cfg: Config, derived: dict[str, str] | None 
     for r in scanned:
         if r.get("sha_sample"):   # assigned already (a streamed plan assigns when rows arrive)
             continue
-        parts = (*(r.get(sha) or r.get(ref) or "" for sha, ref in _ALWAYS_KEYS), r["label"],   # _content's order
+        parts = (*(r.get(sha) or r.get(ref) or "" for sha, ref in _ALWAYS_KEYS), r["label"],
                  *(f"{m}:{c}" for m, sha, ref in _LATER_KEYS if (c := r.get(sha) or r.get(ref))))
         r["sha_sample"] = _h_strings(*parts) if all(type(p) is str for p in parts) else _h(*parts)
         if not r["id"]:
