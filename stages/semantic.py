@@ -63,7 +63,7 @@ class SemanticParams(StageParams):
     modalities: list[str] = Field(default_factory=lambda: ["image", "text"])
     threshold: float = Field(0.95, gt=0.0, le=1.0)   # cosine similarity, every compared modality ...
     thresholds: dict[str, float] = Field(default_factory=dict)   # ... or its own, e.g. {text: 0.85}
-    candidates: int = Field(10, ge=1)                 # nearest stored rows looked at per row and modality
+    candidates: int = Field(10, ge=1)   # nearest rows looked at per row and modality (graph search width: 2x, >= 128)
     rows_per_shard: int = Field(500_000, ge=1)        # stored rows per index shard actor
     shards: int = Field(0, ge=0)        # 0: ceil(stored rows / rows_per_shard), at most the cluster's CPUs
     probe: int = Field(2, ge=1)         # shards a row is looked up in, nearest first (by their centroids) ...
@@ -170,8 +170,8 @@ class StoredEmbeddings:
             ids = batch.column("id").to_pylist()
             keep = np.array([i not in self.removed for i in ids], bool)
             vectors = {m: _matrix(batch.column(f"{m}_emb"))[keep] for m in modalities}
-            present = {m: np.asarray(batch.column(f"has_{m}").fill_null(False).to_numpy(zero_copy_only=False), bool)[keep]
-                       for m in modalities}
+            present = {m: np.asarray(batch.column(f"has_{m}").fill_null(False).to_numpy(zero_copy_only=False),
+                                     bool)[keep] for m in modalities}
             yield position + np.flatnonzero(keep), _Query.of([i for i, k in zip(ids, keep) if k], vectors, present)
             position += len(ids)
 
@@ -532,7 +532,8 @@ class SemanticActor:
         finally:
             self._seeded.set()
 
-    async def check(self, ids: list[str], vectors: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> list[str | None]:
+    async def check(self, ids: list[str], vectors: dict[str, np.ndarray],
+                    present: dict[str, np.ndarray]) -> list[str | None]:
         await self._ready()
         async with self._turn:
             if self._index is not None:
