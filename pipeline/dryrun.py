@@ -18,7 +18,7 @@ from core.store import Store
 from pipeline.incremental import Planner
 from pipeline.orchestration import Pipeline
 from pipeline.runner import new_run_id
-from pipeline.sources import iter_source, source_size
+from pipeline.sources import iter_source_tables, source_size
 from pipeline.spill import key_hashes
 from stages.base import MODALITIES
 
@@ -32,7 +32,7 @@ def dry_run(cfg: Config) -> dict[str, Any]:
         with pipe:
             planner = Planner(store, pipe.fps, cfg, run_id, folder / "plan", source_size(cfg.source),
                               derived=pipe.derived)
-            for scanned in pipe.scan_chunks(iter_source(cfg.source, cfg.execution.scan_chunk_rows)):
+            for scanned in pipe.scan_chunks(iter_source_tables(cfg.source, cfg.execution.scan_chunk_rows)):
                 planner.add(scanned)
             plan = planner.finish()
             stored = np.unique(np.concatenate([key_hashes(b.column(0)) for b in plan.feature_tombs.batches(["id"])]

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from core.config import Config
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, reject_record
 from core.store import Store
-from pipeline.plan import Lineage, Plan, assign_ids, mark_content_duplicates, plan_rows, reexamine
+from pipeline.plan import (Lineage, Plan, assign_ids, assign_ids_table, mark_content_duplicates, plan_rows,
+                           reexamine)
 from pipeline.spill import Partitioned, Spill, key_hashes
 from stages.base import MODALITIES
 from stages.ingest import SCAN_COLUMNS
@@ -47,8 +48,9 @@ def _select(schema: pa.Schema, names: list[str]) -> pa.Schema:
     return pa.schema([schema.field(n) for n in names])
 
 
-def base_id(rid: str) -> str:
-    return rid.split("~", 1)[0]
+def base_ids(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Each id's part before its first ``~`` (a repeated id ``x~2`` and its first ``x`` meet)."""
+    return pc.replace_substring_regex(ids, "(?s)~.*", "")
 
 
 def lineage_of(features: pa.Table, rejects: pa.Table) -> Lineage:
@@ -98,10 +100,14 @@ class Planner:
         self.by_content = Partitioned(folder / "by_content", SCANNED, self.n, "sha_sample")
         self.input = 0
 
-    def add(self, scanned: list[dict]) -> None:
-        assign_ids(scanned, self.cfg, self.derived)
-        self.by_content.add(pa.Table.from_pylist(scanned, schema=SCANNED))
-        self.input += len(scanned)
+    def add(self, scanned: pa.Table | list[dict]) -> None:
+        if isinstance(scanned, list):
+            assign_ids(scanned, self.cfg, self.derived)
+            table = pa.Table.from_pylist(scanned, schema=SCANNED)
+        else:
+            table = assign_ids_table(scanned, self.cfg, self.derived)
+        self.by_content.add(table)
+        self.input += table.num_rows
 
     def finish(self) -> StreamedPlan:
         f = self.folder
@@ -109,11 +115,11 @@ class Planner:
                             Spill(f / "rejects.parquet", REJECTS_SCHEMA), Spill(f / "feature_tombs.parquet", KEYS),
                             Spill(f / "reject_tombs.parquet", IDS), Spill(f / "removed.parquet", IDS),
                             input=self.input, buckets=self.n)
-        by_id = Partitioned(f / "by_id", SCANNED, self.n, "id", base_id)
+        by_id = Partitioned(f / "by_id", SCANNED, self.n, "id", base_ids)
         for part in self.by_content.close().parts:   # 2: exact whole-sample duplicates
             by_id.add(self._content_duplicates(part.table()))
-        lin_f = Partitioned(f / "lineage_features", _select(FEATURES_SCHEMA, FEATURE_LINEAGE), self.n, "id", base_id)
-        lin_r = Partitioned(f / "lineage_rejects", _select(REJECTS_SCHEMA, REJECT_LINEAGE), self.n, "id", base_id)
+        lin_f = Partitioned(f / "lineage_features", _select(FEATURES_SCHEMA, FEATURE_LINEAGE), self.n, "id", base_ids)
+        lin_r = Partitioned(f / "lineage_rejects", _select(REJECTS_SCHEMA, REJECT_LINEAGE), self.n, "id", base_ids)
         if self.store is not None:                   # 3: the store's lineage, streamed
             for batch in self.store.batches("features", FEATURE_LINEAGE):
                 lin_f.add(batch)

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+import pyarrow as pa
 import ray
 
 from core.config import Config
@@ -16,9 +18,9 @@ from core.store import Store
 from pipeline.execution import PlanRows, RayStart, cluster_facts, ensure_ray, process, runs_locally, stage_metrics
 from pipeline.plan import (Lineage, Plan, StageSpec, derived_modalities, fingerprints, make_plan, resolve_stages,
                            scan_spec)
-from pipeline.sources import SourceRecord
-from stages.base import Batch, RunScope, Stage, StageContext, StageStats, object_column
-from stages.modalities import MEDIA, MODALITIES
+from pipeline.sources import SourceRecord, records_table
+from stages.base import Batch, RunScope, Stage, StageContext, StageStats
+from stages.modalities import MEDIA
 
 SCAN_BATCH = 64   # records per scan call
 
@@ -134,31 +136,30 @@ class Pipeline:
         self.close()
 
     # -- phases -------------------------------------------------------------------------------
-    def scan_chunks(self, chunks: Iterable[list[SourceRecord]]) -> Iterator[list[dict]]:
-        """Pass 1, chunk by chunk: resolve, fetch and hash every record (small output, no media
-        bytes). On a cluster in Ray actors near the data; on one machine in this process (an actor
-        pool's start-up is the main fixed cost of a small incremental run). What the scan did
-        is ``self.scan_stats`` once the chunks are consumed."""
+    def scan_chunks(self, chunks: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        """Pass 1, chunk by chunk (``SCAN_INPUT`` columns in, the scan's columns out): resolve,
+        fetch and hash every record (small output, no media bytes). On a cluster in Ray actors
+        near the data; on one machine in this process (an actor pool's start-up is the main fixed
+        cost of a small incremental run). What the scan did is ``self.scan_stats`` once the chunks
+        are consumed."""
         cls = self.scan.cls
         remote = bool(self.info.get("remote"))
         self.open_stages([self.scan], local=not remote)
         stage = None if remote else cls(self.scan.params, self.context)
         outputs = sorted(cls.columns("writes"))
         self.scan_stats = StageStats(self.scan.name)
-        for records in chunks:
-            if not records:
+        for table in chunks:
+            if not table.num_rows:
                 continue
             if remote:
-                out, stats = _scan_remote([_scan_row(rec) for rec in records], self.scan, self.context,
-                                          self.info["num_cpus"])
+                out, stats = _scan_remote(table, self.scan, self.context, self.info["num_cpus"])
                 self.scan_stats.add(stats)
                 yield out
                 continue
-            out = []
-            for k in range(0, len(records), SCAN_BATCH):
-                batch = stage(_scan_batch(records[k:k + SCAN_BATCH]))
-                out += [dict(zip(outputs, values)) for values in zip(*(batch[c] for c in outputs))]
-            yield out
+            columns = _scan_input(table)
+            parts = [stage({c: v[k:k + SCAN_BATCH] for c, v in columns.items()}) for k in range(0, table.num_rows, SCAN_BATCH)]
+            yield pa.table({c: pa.array(np.concatenate([p[c] for p in parts]), pa.int64() if c == "row" else pa.string())
+                            for c in outputs})
         if stage is not None:
             stats = stage.take_stats()
             metrics = stage_metrics()   # the same per-stage metrics the actors export
@@ -168,7 +169,7 @@ class Pipeline:
 
     def scan_records(self, records: list[SourceRecord]) -> tuple[list[dict], StageStats]:
         """Pass 1 over records held in memory (``predict``, the plain baseline)."""
-        out = [row for rows in self.scan_chunks([records]) for row in rows]
+        out = [row for table in self.scan_chunks([records_table(records)]) for row in table.to_pylist()]
         return out, self.scan_stats
 
     def plan(self, scanned: list[dict], lineage: Lineage, dedup: bool = True) -> Plan:
@@ -213,30 +214,23 @@ def _originals():
     return pc.field("aug") == 0
 
 
-def _scan_batch(records: list[SourceRecord]) -> dict:
-    """``_scan_row`` for a list of records, as the columns of one scan batch."""
-    batch = {key: object_column([getattr(r, key) for r in records]) for key in ("row", "id", "label", "split", "base", "bad", "extra")}
-    for m in MODALITIES:
-        batch[m] = object_column([r.values.get(m) or "" for r in records])
-    for m in MEDIA:
-        batch[f"{m}_ref"] = batch[m].copy()
-    return batch
+def _scan_input(table: pa.Table) -> dict[str, np.ndarray]:
+    """A chunk of ``SCAN_INPUT`` as the scan stage's numpy columns, each medium's reference also as
+    ``<m>_ref`` (the scan resolves ``<m>`` in place and keeps what the source said)."""
+    columns = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    columns.update((f"{m}_ref", columns[m].copy()) for m in MEDIA)
+    return columns
 
 
-def _scan_row(rec: SourceRecord) -> dict:
-    d = rec.to_dict()
-    for m in MODALITIES:   # uniform column types for Arrow: "" where absent
-        d[m] = d[m] or ""
-    for m in MEDIA:
-        d[f"{m}_ref"] = d[m]
-    return d
-
-
-def _scan_remote(rows: list[dict], spec: StageSpec, context: StageContext, num_cpus: int) -> tuple[list[dict], StageStats]:
+def _scan_remote(table: pa.Table, spec: StageSpec, context: StageContext, num_cpus: int) -> tuple[pa.Table, StageStats]:
     from pipeline.execution import StageChain
     from stages.base import STATS_COLUMN, decode_stats
 
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), num_cpus * 2)))
+    for m in MEDIA:
+        table = table.append_column(f"{m}_ref", table[m])
+    blocks = max(1, min(table.num_rows, num_cpus * 2))
+    step = -(-table.num_rows // blocks)
+    ds = ray.data.from_arrow([table.slice(k, step) for k in range(0, table.num_rows, step)])
     ds = ds.map_batches(StageChain, fn_constructor_kwargs={"specs": [spec.to_actor], "context": context.model_dump()},
                         compute=ray.data.ActorPoolStrategy(size=max(1, num_cpus)), batch_size=SCAN_BATCH,
                         batch_format="numpy", zero_copy_batch=False)
@@ -246,7 +240,7 @@ def _scan_remote(rows: list[dict], spec: StageSpec, context: StageContext, num_c
         for record in decode_stats(r.get(STATS_COLUMN) or ""):
             stats.add(record)
     outputs = sorted(spec.cls.columns("writes"))
-    return [{c: r[c] for c in outputs} for r in out], stats
+    return pa.Table.from_pylist([{c: r[c] for c in outputs} for r in out]), stats
 
 
 def timed(seconds: dict[str, float], name: str, peaks: dict[str, float] | None = None):

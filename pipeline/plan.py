@@ -8,6 +8,9 @@ from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from core.config import Config, ConfigError, Resources, StageConfig
@@ -269,6 +272,80 @@ def assign_ids(scanned: list[dict], cfg: Config, derived: dict[str, str] | None 
             r.update(reject_stage="ingest", reject_reason="bad_split",
                      reject_detail=f"split must be train, val or test, not {r['split']!r}")
     derive_hashes(scanned, derived or {})
+
+
+_PLAIN = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"   # what json.dumps writes as it is: printable ASCII but quote and backslash
+
+
+def _sample_hashes(parts: list[pa.Array], later: list[tuple[str, pa.Array]]) -> pa.Array:
+    """``_h_strings(*parts, *("m:c" for each later modality present))`` per row. The JSON it hashes
+    is built by Arrow for rows of plain strings; others (escapes to write) go through Python."""
+    def quoted(value) -> list:
+        return ['"', value, '"']
+
+    pieces = ["["] + quoted(parts[0])
+    for part in parts[1:]:
+        pieces += [", ", *quoted(part)]
+    for m, values in later:
+        pieces.append(pc.if_else(pc.equal(values, ""), "", pc.binary_join_element_wise(f', "{m}:', values, '"', "")))
+    plain = pc.match_substring_regex(parts[0], _PLAIN)
+    for part in parts[1:] + [values for _, values in later]:
+        plain = pc.and_(plain, pc.match_substring_regex(part, _PLAIN))
+    blobs = pc.if_else(plain, pc.binary_join_element_wise(*pieces, "]", ""), None).cast(pa.binary()).to_pylist()
+    rows = None if pc.all(plain).as_py() else list(zip(*(p.to_pylist() for p in parts)))
+    later_rows = None if rows is None else list(zip(*(v.to_pylist() for _, v in later))) if later else [()] * len(rows)
+    out = []
+    for k, blob in enumerate(blobs):
+        if blob is not None:
+            out.append(hashlib.sha256(blob).hexdigest()[:16])
+        else:
+            extra = (f"{m}:{c}" for (m, _), c in zip(later, later_rows[k]) if c)
+            out.append(_h_strings(*rows[k], *extra))
+    return pa.array(out, pa.string())
+
+
+def _stable_splits(ids: pa.Array, train: float, val: float) -> pa.Array:
+    """``stable_split`` of every id."""
+    head = b"".join(hashlib.sha256(i).digest()[:4] for i in ids.cast(pa.binary()).to_pylist())
+    u = np.frombuffer(head, ">u4") / 0xFFFFFFFF
+    return pa.array(np.where(u < train, "train", np.where(u < train + val, "val", "test")).astype(object), pa.string())
+
+
+def assign_ids_table(scanned: pa.Table, cfg: Config, derived: dict[str, str] | None = None) -> pa.Table:
+    """``assign_ids`` over the scan's columns: the same sample hash, id, split and ``bad_split``
+    rejects, with one Python call per row only for the hashes (the sample's, and the split's
+    where the source gave none)."""
+    n = scanned.num_rows
+
+    def col(name: str) -> pa.Array:
+        if name not in scanned.column_names:
+            return pa.array([""] * n, pa.string())
+        return pc.fill_null(scanned[name].combine_chunks(), "")
+
+    def first(a: pa.Array, b: pa.Array) -> pa.Array:   # a, else b
+        return pc.if_else(pc.not_equal(a, ""), a, b)
+
+    parts = [first(col(sha), col(ref)) for sha, ref in _ALWAYS_KEYS] + [col("label")]
+    later = [(m, first(col(sha), col(ref))) for m, sha, ref in _LATER_KEYS]
+    sample = _sample_hashes(parts, [(m, c) for m, c in later if pc.any(pc.not_equal(c, "")).as_py()])
+    ids = first(col("id"), sample)
+    split = col("split")
+    if pc.any(pc.equal(split, "")).as_py():
+        split = first(split, _stable_splits(ids, cfg.split.train, cfg.split.val))
+    bad = pc.invert(pc.is_in(split, value_set=pa.array(["train", "val", "test"])))
+    out = {c: scanned[c] for c in scanned.column_names}
+    out.update(id=ids, split=split, sha_sample=sample)
+    if pc.any(bad).as_py():
+        stage, reason, detail = (col(f"reject_{c}") for c in ("stage", "reason", "detail"))
+        detail = [f"split must be train, val or test, not {s!r}" if b else d
+                  for s, b, d in zip(split.to_pylist(), bad.to_pylist(), detail.to_pylist())]
+        out.update(reject_stage=pc.if_else(bad, "ingest", stage), reject_reason=pc.if_else(bad, "bad_split", reason),
+                   reject_detail=pa.array(detail, pa.string()))
+    for target, source in (derived or {}).items():
+        have, src = col(f"sha_{target}"), col(f"sha_{source}")
+        tagged = pc.binary_join_element_wise(f"{source}:", src, "")
+        out[f"sha_{target}"] = pc.if_else(pc.and_(pc.equal(have, ""), pc.not_equal(src, "")), tagged, have)
+    return pa.table(out)
 
 
 def mark_content_duplicates(rows: list[dict]) -> None:

@@ -26,7 +26,7 @@ from pipeline.spill import Spill
 from pipeline.orchestration import Pipeline, timed
 from pipeline.progress import Progress
 from pipeline.sinks import SHARD_WRITING, RunSink, SinkResult
-from pipeline.sources import iter_source, source_size
+from pipeline.sources import iter_source_tables, source_size
 from stages.base import MODALITIES, StageStats
 
 
@@ -153,7 +153,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = Fal
         planner = Planner(store, pipe.fps, cfg, run_id, staging / "plan", expected, derived=pipe.derived)
         pipe.start_early(expected - store.count("features", pc.field("aug") == 0) - store.count("rejects"))
         with timed(phases, "scan", peaks):
-            for scanned in pipe.scan_chunks(iter_source(cfg.source, cfg.execution.scan_chunk_rows)):
+            for scanned in pipe.scan_chunks(iter_source_tables(cfg.source, cfg.execution.scan_chunk_rows)):
                 planner.add(scanned)
         with timed(phases, "plan", peaks):
             plan = planner.finish()

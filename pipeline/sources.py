@@ -3,15 +3,20 @@ shards. Each becomes a stream of ``SourceRecord`` chunks; media stay references 
 from __future__ import annotations
 
 import glob
+import io
 import json
+import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from core.config import SourceConfig
@@ -21,6 +26,13 @@ MANIFEST_COLUMNS = {"id", "label", "split", *MODALITIES}
 MAX_LINE_BYTES = 64 * 1024 * 1024   # a longer JSONL line is a bad_record, never read whole
 MAX_FIELD_CHARS = 64 * 1024          # id, label, split and media references (texts: cleanup.text's limit)
 _NOT_INLINE = MANIFEST_COLUMNS - set(INLINE)
+_S = pa.string()
+# What the scan reads per record: one column per modality, "" where absent.
+SCAN_INPUT = pa.schema([("row", pa.int64()), *((c, _S) for c in ("id", "label", "split", "base", "bad", "extra")),
+                        *((m, _S) for m in MODALITIES)])
+# str.isspace()'s characters (none above U+3000), for deciding blank values in Arrow as ``_clean`` does
+_BLANK = "^[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]*$"
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")   # an escaped UTF-16 surrogate: left to json (surrogatepass)
 
 
 @dataclass
@@ -47,12 +59,6 @@ class SourceRecord:
     base: str = ""                  # folder relative refs resolve against
     bad: str = ""                   # why the source's row is unusable (the scan rejects it: bad_record)
     extra: str = ""                 # the manifest's other columns, a JSON object (kept in meta.source)
-
-    def to_dict(self) -> dict:
-        """The record as the scan's input row: one column per modality (None where absent)."""
-        out = {k: v for k, v in vars(self).items() if k != "values"}
-        out.update((m, self.values.get(m)) for m in MODALITIES)
-        return out
 
     @classmethod
     def columns(cls) -> set[str]:
@@ -93,24 +99,8 @@ def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[dict | 
     """The manifest's rows as dicts, in order; a row that cannot be parsed comes as a ``BadRow``."""
     if suffix in (".jsonl", ".ndjson", ".json"):
         with path.open("rb") as f:
-            n = 0
-            while line := f.readline(MAX_LINE_BYTES + 1):
-                n += 1
-                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                        pass   # skip the rest of the line without holding it
-                    yield BadRow(n, f"line {n} is longer than {MAX_LINE_BYTES} bytes")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except UnicodeDecodeError:
-                    yield BadRow(n, f"line {n} is not UTF-8")
-                except json.JSONDecodeError as exc:
-                    yield BadRow(n, f"line {n} is not valid JSON: {exc.msg} (column {exc.colno})")
-                except RecursionError:
-                    yield BadRow(n, f"line {n} nests too deeply")
+            for n, line in _jsonl_lines(f):
+                yield _parse_line(n, line)
     elif suffix == ".csv":
         bad: list[BadRow] = []
 
@@ -131,6 +121,103 @@ def _manifest_rows(path: Path, suffix: str, chunk_rows: int) -> Iterator[dict | 
     else:
         for batch in pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=chunk_rows):
             yield from batch.to_pylist()
+
+
+def _jsonl_lines(f) -> Iterator[tuple[int, bytes | BadRow]]:
+    """A JSONL file's non-blank lines with their numbers; a line longer than ``MAX_LINE_BYTES``
+    comes as a ``BadRow`` (skipped without being held)."""
+    n = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        n += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield n, BadRow(n, f"line {n} is longer than {MAX_LINE_BYTES} bytes")
+        elif line.strip():
+            yield n, line
+
+
+def _parse_line(n: int, line: bytes | BadRow) -> dict | BadRow:
+    if isinstance(line, BadRow):
+        return line
+    try:
+        row = json.loads(line)
+        if _SURROGATE.search(line):   # a lone one cannot be written as UTF-8 (Arrow, Parquet)
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        return row
+    except UnicodeEncodeError:
+        return BadRow(n, f"line {n} holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair)")
+    except UnicodeDecodeError:
+        return BadRow(n, f"line {n} is not UTF-8")
+    except json.JSONDecodeError as exc:
+        return BadRow(n, f"line {n} is not valid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return BadRow(n, f"line {n} nests too deeply")
+
+
+def records_table(records: list[SourceRecord]) -> pa.Table:
+    """Records as the scan's input columns (``SCAN_INPUT``)."""
+    columns = {key: [getattr(r, key) for r in records] for key in ("row", "id", "label", "split", "base", "bad", "extra")}
+    columns.update((m, [r.values.get(m) or "" for r in records]) for m in MODALITIES)
+    return pa.table(columns, schema=SCAN_INPUT)
+
+
+def iter_source_tables(cfg: SourceConfig, chunk_rows: int = 10_000) -> Iterator[pa.Table]:
+    """``iter_source`` as the scan's input columns. A JSONL manifest is read a chunk at a time by
+    Arrow's JSON reader when every row of the chunk is an object of short strings (the usual
+    manifest: no Python object per row); any other chunk goes through ``_record`` row by row."""
+    path = Path(cfg.path or "")
+    if _kind(cfg) != "manifest" or path.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
+        for chunk in iter_source(cfg, chunk_rows):
+            yield records_table(chunk)
+        return
+    base, n, block = str(path.parent.resolve()), 0, []
+    try:
+        with path.open("rb") as f:
+            lines = _jsonl_lines(f)
+            while block := [item for _, item in zip(range(chunk_rows), lines)]:
+                table = _jsonl_table([line for _, line in block], n, base)
+                if table is None:
+                    table = records_table([_record(_parse_line(k, line), n + i, base) for i, (k, line) in enumerate(block)])
+                n += table.num_rows
+                yield table
+    except OSError as exc:
+        raise SourceError(f"cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _jsonl_table(lines: list[bytes | BadRow], first_row: int, base: str) -> pa.Table | None:
+    """Lines of JSON as ``SCAN_INPUT`` columns, or None when ``_record`` must look at them row by row
+    (a line that is not an object of strings, a long field, other columns, an escaped surrogate)."""
+    if any(isinstance(line, BadRow) for line in lines):
+        return None
+    blob = b"".join(lines)
+    try:
+        blob.decode("utf-8")
+        if _SURROGATE.search(blob):
+            return None
+        table = pajson.read_json(io.BytesIO(blob), read_options=pajson.ReadOptions(use_threads=False,
+                                                                                   block_size=len(blob) + 1))
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        return None
+    if table.num_rows != len(lines) or not set(table.column_names) <= MANIFEST_COLUMNS:
+        return None
+    for column in table.columns:
+        if column.type == pa.null():
+            continue
+        if column.type != _S or (pc.max(pc.utf8_length(column)).as_py() or 0) > MAX_FIELD_CHARS:
+            return None
+    n = table.num_rows
+
+    def values(name: str) -> pa.Array:   # "" where absent, null or blank (as ``_clean`` decides)
+        if name not in table.column_names or table[name].type == pa.null():
+            return pa.array([""] * n, _S)
+        column = table[name].combine_chunks()
+        return pc.if_else(pc.fill_null(pc.match_substring_regex(column, _BLANK), True), "", column)
+
+    return pa.table({"row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+                     **{c: values(c) for c in ("id", "label", "split")},
+                     "base": pa.array([base] * n, _S), "bad": pa.array([""] * n, _S), "extra": pa.array([""] * n, _S),
+                     **{m: values(m) for m in MODALITIES}}, schema=SCAN_INPUT)
 
 
 def _record(row: dict | BadRow, n: int, base: str) -> SourceRecord:

@@ -53,9 +53,13 @@ class Spill:
         if self._writer is None:
             path = self.path if not self.files else self.path.with_name(f"{self.path.stem}-{len(self.files)}{self.path.suffix}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(path, self.schema)
+            self._writer = self._open(path)
             self.files.append(path)
-        self._writer.write_table(group, row_group_size=group.num_rows)
+        self._writer.write_table(group, group.num_rows)   # one row group (or record batch) per group
+
+    def _open(self, path: Path):
+        # written once and read once, on local disk: no dictionaries or statistics, light compression
+        return pq.ParquetWriter(path, self.schema, use_dictionary=False, compression="lz4", write_statistics=False)
 
     def close(self) -> "Spill":
         for group in self._groups.drain():
@@ -72,8 +76,11 @@ class Spill:
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """The rows added so far, one row group at a time."""
-        for path, group in self.groups():
-            yield from pq.ParquetFile(path).read_row_group(group, columns=columns).to_batches()
+        self.close()
+        for path in self.files:
+            f = pq.ParquetFile(path)
+            for group in range(f.num_row_groups):
+                yield from f.read_row_group(group, columns=columns).to_batches()
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         """All rows at once: only for a spill known to be small (one bucket, the changed ids)."""
@@ -85,15 +92,36 @@ class Spill:
             yield from batch.to_pylist()
 
 
+class _IpcSpill(Spill):
+    """A spill in Arrow's IPC file format: for the planner's partitions, written and read once in
+    this process (no encoding: a fifth of Parquet's time here, twice its size on disk)."""
+
+    def _open(self, path: Path):
+        return pa.ipc.new_file(str(path), self.schema)
+
+    def groups(self) -> list[tuple[str, int]]:
+        raise TypeError("an IPC spill is read in this process only (batches, table)")
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        self.close()
+        for path in self.files:
+            with pa.OSFile(str(path)) as source:
+                reader = pa.ipc.open_file(source)
+                for k in range(reader.num_record_batches):
+                    batch = reader.get_batch(k)
+                    yield batch.select(columns) if columns else batch
+
+
 class Partitioned:
-    """Rows routed into ``n`` spills by the stable hash of ``key(value)`` of column ``column``."""
+    """Rows routed into ``n`` spills by the stable hash of ``key(values)`` of column ``column``
+    (``key`` maps the column's Arrow array to the strings hashed)."""
 
     def __init__(self, folder: Path, schema: pa.Schema, n: int, column: str,
-                 key: Callable[[str], str] = lambda v: v):
+                 key: Callable[[pa.Array], pa.Array] = lambda values: values):
         self.n, self.column, self.key = n, column, key
         # Fewer rows per row group when there are many parts: the buffers stay ~GROUP_ROWS rows in all.
         group = max(256, GROUP_ROWS * 4 // max(1, n))
-        self.parts = [Spill(folder / f"part-{k:05d}.parquet", schema, group) for k in range(n)]
+        self.parts = [_IpcSpill(folder / f"part-{k:05d}.arrow", schema, group) for k in range(n)]
 
     def add(self, table: pa.Table | pa.RecordBatch) -> None:
         if table.num_rows == 0:
@@ -101,8 +129,7 @@ class Partitioned:
         if self.n == 1:
             self.parts[0].add(table)
             return
-        keys = [self.key(v) for v in table.column(self.column).to_pylist()]
-        buckets = bucket_of(keys, self.n)
+        buckets = bucket_of(self.key(table.column(self.column)).to_pylist(), self.n)
         order = np.argsort(buckets, kind="stable")
         sorted_buckets = buckets[order]
         bounds = np.searchsorted(sorted_buckets, np.arange(self.n + 1))

@@ -243,7 +243,7 @@ class IngestScan(Stage):
                 "reject_stage", "reject_reason", "reject_detail")}
         urls = self._fetch_urls(batch)
         files: list[tuple[int, str, Path, str, bytes]] = []   # local files to hash: (row, modality, path, ref, key)
-        for i in range(n):
+        for i in self._hash_inline(batch, out):
             try:
                 self._scan_row(batch, out, i, urls, files)
             except Reject as r:
@@ -252,6 +252,24 @@ class IngestScan(Stage):
         out["extra"] = object_column([str(v or "") for v in batch["extra"]]) if "extra" in batch else object_column([""] * n)
         batch.update(out)
         return batch
+
+    def _hash_inline(self, batch: Batch, out: Batch) -> np.ndarray:
+        """Hash the rows that hold only inline values (text) at once; return the other rows
+        (media to resolve, a bad record, nothing at all), which ``_scan_row`` takes one by one."""
+        inline = np.zeros(num_rows(batch), bool)
+        for m in INLINE:
+            inline |= batch[m].astype(bool)
+        other = ~inline
+        for key in (*MEDIA_REFS, "bad"):
+            if key in batch:
+                other |= batch[key].astype(bool)
+        simple = np.flatnonzero(~other)
+        for m in INLINE:
+            values, sha = batch[m], out[f"sha_{m}"]
+            for i in simple:
+                if values[i]:
+                    sha[i] = content_hash(values[i].encode("utf-8", "surrogatepass"))
+        return np.flatnonzero(other)
 
     def _reject(self, out: Batch, i: int, r: Reject) -> None:
         out["reject_stage"][i], out["reject_reason"][i], out["reject_detail"][i] = self.name, r.reason, r.detail

@@ -13,6 +13,7 @@ from core.config import SourceConfig
 from core.schema import FEATURES_SCHEMA
 from core.store import DataFiles, Store, row_keys
 from pipeline.sources import SourceError, iter_source, read_source, source_size
+from pipeline.incremental import base_ids
 from pipeline.spill import Partitioned, Spill
 
 
@@ -129,7 +130,7 @@ def test_spills_read_back_what_was_added_across_files_and_partitions(tmp_path):
     assert [g for _, g in spill.groups()] == [0, 1, 2]
     spill.add_rows([{"id": "late", "n": 10}])   # added after a read: a further file
     assert [r["n"] for r in spill.dicts()] == list(range(11)) and spill.rows == 11
-    parts = Partitioned(tmp_path / "p", schema, 4, "id", key=lambda v: v.split("~")[0])
+    parts = Partitioned(tmp_path / "p", schema, 4, "id", key=base_ids)
     parts.add(pa.Table.from_pylist([{"id": f"k{i % 7}" + ("~2" if i > 20 else ""), "n": i} for i in range(30)], schema=schema))
     seen = {}
     for k, part in enumerate(parts.close().parts):
