@@ -44,7 +44,7 @@ from stages.dedup import AUG, _Column, _Strings, originals_to_check, shard_count
 from stages.dedup import close_index as _close_actors
 from stages.registry import register_stage
 
-M, EF_CONSTRUCTION, EF_SEARCH = 16, 128, 128
+M, EF_CONSTRUCTION, EF_SEARCH = 16, 128, 256
 RUN_KEY = 1 << 40          # this run's rows are keyed after every stored row (those: their scan position)
 SAMPLE_ROWS = 16_384       # stored vectors per modality the routing centroids are fit on
 CLUSTERS_PER_SHARD = 4     # more clusters than shards, so that the shards can be balanced by cluster size
@@ -63,7 +63,7 @@ class SemanticParams(StageParams):
     modalities: list[str] = Field(default_factory=lambda: ["image", "text"])
     threshold: float = Field(0.95, gt=0.0, le=1.0)   # cosine similarity, every compared modality ...
     thresholds: dict[str, float] = Field(default_factory=dict)   # ... or its own, e.g. {text: 0.85}
-    candidates: int = Field(10, ge=1)   # nearest rows looked at per row and modality (graph search width: 2x, >= 128)
+    candidates: int = Field(10, ge=1)   # nearest rows looked at per row and modality (graph search width: 2x, >= 256)
     rows_per_shard: int = Field(500_000, ge=1)        # stored rows per index shard actor
     shards: int = Field(0, ge=0)        # 0: ceil(stored rows / rows_per_shard), at most the cluster's CPUs
     probe: int = Field(2, ge=1)         # shards a row is looked up in, nearest first (by their centroids) ...
