@@ -407,9 +407,12 @@ def plan_rows(scanned: list[dict], lineage: Lineage, fps: dict[str, str], cfg: C
         changed = set(MODALITIES) if redo == "full" else redo
         if redo != "full":
             partial.add(r["id"])
-        # redo: modalities whose features are computed now; keep: taken from the stored row.
+        # redo: modalities whose features are computed now; keep: taken from the stored row (those
+        # it has: an absent modality's columns are the same computed or kept, and a row keeping
+        # nothing is not read back from the store at commit).
+        stored = lineage.features.get(r["id"]) or {}
         r["redo"] = ",".join(m for m in MODALITIES if m in changed and r.get(f"sha_{m}"))
-        r["keep"] = ",".join(m for m in MODALITIES if m not in changed)
+        r["keep"] = ",".join(m for m in MODALITIES if m not in changed and stored.get(f"sha_{m}"))
         rows.append(r)
     input_ids = [r["id"] for r in scanned]
     live = set(input_ids)
