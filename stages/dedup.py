@@ -38,10 +38,14 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
+import mmh3
 import numpy as np
 import pyarrow as pa
 import ray
@@ -557,6 +561,9 @@ class _MinHashBands:
         return self.values.nbytes + self.rows.nbytes + sum(b.nbytes for b in self.bands)
 
 
+_SAVED = (_Column, _Strings, _Run, _KeyIndex, _MinHashBands)   # what a saved shard may hold
+
+
 def _equal_values(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray, cols: slice) -> np.ndarray:
     """Per pair k, how many of ``a[rows_a[k], cols]`` equal ``b[rows_b[k], cols]``; a slice of pairs
     at a time, so that a band thousands of rows share costs time, not memory."""
@@ -572,6 +579,80 @@ def _sha_keys(p: DedupParams) -> set[str]:
     if p.image_phash or p.text_minhash or p.video_phash:
         keys |= {"text", "audio"} | (set() if p.image_phash else {"image"}) | (set() if p.video_phash else {"video"})
     return keys
+
+
+def _row_keys(ids: Iterable[str], texts: Iterable[str]) -> np.ndarray:
+    """(n, 2) uint64: a 128-bit hash of each stored row's id and signature, to tell a saved row still stored."""
+    return np.array([mmh3.hash64(f"{i}\0{t}", signed=False) for i, t in zip(ids, texts)], np.uint64).reshape(-1, 2)
+
+
+def _flatten(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
+    """A shard's state as a JSON outline, its arrays moved to ``arrays`` under their path (the
+    index's own classes only: a saved file never names code to run)."""
+    if isinstance(value, np.ndarray):
+        arrays[path] = value
+        return {"array": path}
+    if isinstance(value, type):
+        return {"dtype": np.dtype(value).str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_flatten(v, f"{path}.{k}", arrays) for k, v in enumerate(value)]}
+    if isinstance(value, dict):
+        return {"dict": {k: _flatten(v, f"{path}.{k}", arrays) for k, v in value.items()}}
+    if type(value) in _SAVED:
+        state = dict(vars(value), _a=value.data) if isinstance(value, _Column) else vars(value)   # not its spare rows
+        return {"object": type(value).__name__, "state": {k: _flatten(v, f"{path}.{k}", arrays) for k, v in state.items()}}
+    raise TypeError(f"cannot save {type(value).__name__} at {path}")
+
+
+class _SavedArrays:
+    """The arrays of a saved shard, each read from its .npy file when asked for, straight into an
+    array with ``spare`` more rows (a column then grows by this run's rows without a copy)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.load(name)
+
+    def load(self, name: str, spare: int = 0) -> np.ndarray:
+        with open(os.path.join(self.folder, f"{name}.npy"), "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            if fortran or dtype.hasobject or not shape:
+                raise ValueError(f"{name}: not an array a shard saves")
+            out = np.empty((shape[0] + spare, *shape[1:]), dtype)
+            view = memoryview(out[:shape[0]]).cast("B")
+            if f.readinto(view) != view.nbytes:
+                raise ValueError(f"{name}: cut short")
+        return out
+
+
+def _unflatten(value: Any, arrays: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (kind, inner), = value.items() if len(value) == 1 else (("object", value),)
+    if kind == "array":
+        return arrays[inner]
+    if kind == "dtype":
+        return np.dtype(inner).type
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, arrays) for v in inner]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {k: _unflatten(v, arrays) for k, v in inner.items()}
+    cls = {c.__name__: c for c in _SAVED}[value["object"]]
+    obj = cls.__new__(cls)
+    state = value["state"]
+    if cls is _Column and isinstance(arrays, _SavedArrays):   # room for the rows a run adds
+        obj._a = arrays.load(state["_a"]["array"], spare=state["n"] // 16 + 1024)
+        state = {k: v for k, v in state.items() if k != "_a"}
+    vars(obj).update({k: _unflatten(v, arrays) for k, v in state.items()})
+    return obj
 
 
 @dataclass
@@ -596,6 +677,7 @@ class _Shard:
         self.phash, self.has_phash = _Column(np.uint64), _Column(bool)
         self.vphash, self.has_vphash = _Column(np.uint64, VIDEO_HASHES), _Column(bool)
         self.ids = _Strings()
+        self.key = _Column(np.uint64, 2)     # a stored row's 128-bit hash of (id, signature); 0 for this run's
         self.by_id = _KeyIndex(np.uint64)
         self.by_sha = {key: _KeyIndex(np.uint64, aux=True) for key in sorted(_sha_keys(p))}
         self.text = _MinHashBands(p.minhash_threshold, p.num_perm) if p.text_minhash else None
@@ -605,7 +687,8 @@ class _Shard:
         return self.seq.n - self.dead
 
     def nbytes(self) -> int:
-        arrays = (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash, self.ids, self.by_id,
+        arrays = (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash, self.ids, self.key,
+                  self.by_id,
                   *self.by_sha.values(), *([self.text] if self.text else []))
         return sum(a.nbytes for a in arrays)
 
@@ -613,28 +696,115 @@ class _Shard:
         return self.shards == 1 or _hash64(row_id) % self.shards == self.home
 
     # -- seeding ------------------------------------------------------------------------------
-    def seed(self, source: "StoredSignatures") -> int:
-        """Add the stored rows that fall to this shard, in store order; returns how many it holds."""
-        chunk: list[tuple[int, str, str]] = []
-        for row in source.rows(self.owns):
-            chunk.append(row)
-            if len(chunk) == SEED_CHUNK:
-                self._seed_chunk(chunk)
-                chunk = []
-        self._seed_chunk(chunk)
+    def seed(self, source: "StoredSignatures", snapshot: str = "") -> int:
+        """Add the stored rows that fall to this shard, in store order; returns how many it holds.
+        With ``snapshot`` (a file ``save`` wrote in an earlier run), start from it: only the stored
+        rows whose id and signature it does not hold are parsed (``_refresh``)."""
+        restored = bool(snapshot) and self._restore(snapshot)
+        if restored:
+            self._refresh(source)
+        else:
+            self._seed_rows(source.rows(self.owns), 0)
         for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
             index.flush()
         self._drop_repeated_ids()
-        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash,
-                       self.ids, *([self.text] if self.text else [])):
-            column.trim()
+        if self.dead > max(COMPACT_MIN, self.seq.n // 4):
+            self.compact()
+        if not restored:   # (a restored shard's columns were read with a little room to grow: kept)
+            for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash,
+                           self.ids, self.key, *([self.text] if self.text else [])):
+                column.trim()
         return self.size()
 
-    def _seed_chunk(self, rows: list[tuple[int, str, str]]) -> None:
+    def _seed_rows(self, rows: Iterable[tuple[int, str, str]], base: int) -> None:
+        """Parse and add stored rows (scan position, id, signature), as seq ``base + position``."""
+        chunk: list[tuple[int, str, str]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == SEED_CHUNK:
+                self._seed_chunk(chunk, base)
+                chunk = []
+        self._seed_chunk(chunk, base)
+
+    def _seed_chunk(self, rows: list[tuple[int, str, str]], base: int = 0) -> None:
         if rows:
             seqs, ids, texts = zip(*rows)
             block = _Block.parse(list(ids), list(texts), self.params.num_perm)
-            self._append(block, np.arange(len(rows)), np.array(seqs, np.int64), wait=True)
+            self._append(block, np.arange(len(rows)), base + np.array(seqs, np.int64), wait=True,
+                         keys=_row_keys(ids, texts))
+
+    def _refresh(self, source: "StoredSignatures") -> None:
+        """A restored shard brought up to date with the store: its rows whose (id, signature) is
+        still stored stay, the others die; stored rows it lacks are parsed and added after it."""
+        alive = np.flatnonzero(self.alive.data)
+        held = self.key.data[alive]
+        order = np.argsort(held[:, 0], kind="stable")   # by the first 64 bits; a hit must match all 128
+        held = held[order]
+        first = np.ascontiguousarray(held[:, 0])
+        seen = np.zeros(len(alive), bool)
+        base = int(self.seq.data[alive].max()) + 1 if len(alive) else 0
+        missing: list[tuple[int, str, str]] = []
+        chunk: list[tuple[int, str, str]] = []
+
+        def look(chunk: list[tuple[int, str, str]]) -> None:
+            keys = _row_keys([i for _, i, _ in chunk], [t for _, _, t in chunk])
+            at = np.minimum(np.searchsorted(first, keys[:, 0]), max(len(held) - 1, 0))
+            hit = (held[at] == keys).all(axis=1) if len(held) else np.zeros(len(keys), bool)
+            seen[order[at[hit]]] = True   # (a 64-bit collision only costs a row parsed again)
+            missing.extend(row for row, h in zip(chunk, hit) if not h)
+            if len(missing) >= SEED_CHUNK:
+                self._seed_chunk(missing, base)
+                missing.clear()
+
+        for row in source.rows(self.owns):
+            chunk.append(row)
+            if len(chunk) == SEED_CHUNK:
+                look(chunk)
+                chunk = []
+        if chunk:
+            look(chunk)
+        self._seed_chunk(missing, base)
+        gone = alive[~seen]
+        self.alive.data[gone] = False
+        self.dead += len(gone)
+
+    def save(self, path: str) -> None:
+        """Write the stored rows this shard holds (this run's rows left out: the next run finds them
+        in the store) to the folder ``path``: an .npy file per array and a JSON outline (no pickle).
+        The shard's last call."""
+        self.alive.data[self.seq.data >= RUN_SEQ] = False
+        self.dead = int(np.count_nonzero(~self.alive.data))
+        if self.dead:
+            self.compact()
+        arrays: dict[str, np.ndarray] = {}
+        state = {k: _flatten(v, k, arrays) for k, v in vars(self).items() if k != "params"}
+        tmp, old = f"{path}.{os.getpid()}.tmp", f"{path}.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, array in arrays.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
+        with open(os.path.join(tmp, "outline.json"), "w") as f:
+            json.dump({"format": 1, "params": self.params.model_dump(mode="json"), "state": state}, f)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, path: str) -> bool:
+        """Take the state ``save`` wrote, when it was written with these parameters for this shard."""
+        try:
+            with open(os.path.join(path, "outline.json")) as f:
+                meta = json.load(f)
+            if meta.get("format") != 1 or meta.get("params") != self.params.model_dump(mode="json"):
+                return False
+            state = {k: _unflatten(v, _SavedArrays(path)) for k, v in meta["state"].items()}
+        except (OSError, ValueError, KeyError, TypeError, EOFError):   # absent, partial, from another version
+            return False
+        if (state.get("home"), state.get("shards")) != (self.home, self.shards) or set(state) != set(vars(self)) - {"params"}:
+            return False
+        vars(self).update(state)
+        return True
 
     def _drop_repeated_ids(self) -> None:
         """An id stored twice counts once, as its last copy."""
@@ -754,11 +924,13 @@ class _Shard:
         self.alive.data[rows] = False
         self.dead += len(rows)
 
-    def _append(self, q: _Block, which: np.ndarray, seq: np.ndarray, wait: bool = False) -> None:
+    def _append(self, q: _Block, which: np.ndarray, seq: np.ndarray, wait: bool = False,
+                keys: np.ndarray | None = None) -> None:
         if not len(which):
             return
         rows = np.arange(self.seq.n, self.seq.n + len(which), dtype=np.uint32)
         self.seq.extend(seq)
+        self.key.extend(np.zeros((len(which), 2), np.uint64) if keys is None else keys)
         self.alive.extend(np.ones(len(which), bool))
         self.mask.extend(q.mask[which])
         self.phash.extend(q.phash[which])
@@ -778,7 +950,7 @@ class _Shard:
         """Drop the dead rows, renumbering the others."""
         keep = self.alive.data.copy()
         remap = np.cumsum(keep) - 1
-        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash):
+        for column in (self.seq, self.alive, self.mask, self.phash, self.has_phash, self.vphash, self.has_vphash, self.key):
             column.keep(keep)
         self.ids.keep(keep)
         for index in (self.by_id, *self.by_sha.values(), *([self.text] if self.text else [])):
@@ -859,10 +1031,10 @@ class DedupIndex:
     """The run's dedup state in this process: one shard of every row. Plain class; ``IndexActor``
     holds one, or spreads the rows over shard actors."""
 
-    def __init__(self, params: dict | DedupParams, existing: Existing = ()):
+    def __init__(self, params: dict | DedupParams, existing: Existing = (), snapshot: str = ""):
         self.params = params if isinstance(params, DedupParams) else DedupParams.model_validate(params)
         self._shard = _Shard(self.params)
-        self._shard.seed(_source(existing))
+        self._shard.seed(_source(existing), snapshot)
         self._next = RUN_SEQ
 
     def size(self) -> int:
@@ -910,20 +1082,26 @@ class IndexActor:
         self._shards: list[Any] = []            # shard actors
         self._next = RUN_SEQ
         self._error = ""
+        self._snapshots: list[str] = []         # where each shard is saved at the end, and read from at the start
         self._seeded = asyncio.Event()
         self._turn = asyncio.Lock()
 
-    async def seed(self, existing: Existing) -> None:
+    async def seed(self, existing: Existing, snapshots: str = "") -> None:
+        """Read the stored rows (from the shards an earlier run saved in the folder ``snapshots``,
+        brought up to date, when they are there)."""
         try:
             source = _source(existing)
             count = shard_count(self._params, source)
+            if snapshots:
+                self._snapshots = [os.path.join(snapshots, f"shard-{k}-of-{count}") for k in range(count)]
+            paths = self._snapshots or [""] * count
             if count == 1:
-                self._index = await asyncio.to_thread(DedupIndex, self._params, source)
+                self._index = await asyncio.to_thread(DedupIndex, self._params, source, paths[0])
             else:
                 options = {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
                 shards = [ray.remote(_Shard).options(**options, name=f"{self._name}-shard-{k}" if self._name else None)
                           .remote(self._params.model_dump(), k, count) for k in range(count)]
-                await asyncio.gather(*(s.seed.remote(source) for s in shards))   # each reads the store itself
+                await asyncio.gather(*(s.seed.remote(source, path) for s, path in zip(shards, paths)))   # each reads the store
                 self._shards = shards
         except Exception as exc:   # a bad stored signature: every check reports it, none waits forever
             self._error = f"{type(exc).__name__}: {exc}"
@@ -945,6 +1123,18 @@ class IndexActor:
             await asyncio.gather(*(s.commit.remote(ref, keep, self._next) for s in self._shards))
             self._next += len(q)
             return verdicts
+
+    async def save(self) -> int:
+        """Save every shard where ``seed`` was told (the run's last call); returns how many were saved."""
+        await self._ready()
+        async with self._turn:
+            if not self._snapshots:
+                return 0
+            if self._index is not None:
+                await asyncio.to_thread(self._index._shard.save, self._snapshots[0])
+            else:
+                await asyncio.gather(*(s.save.remote(path) for s, path in zip(self._shards, self._snapshots)))
+            return len(self._snapshots)
 
     async def size(self) -> int:
         await self._ready()
@@ -969,14 +1159,15 @@ def start_index(name: str, params: dict) -> None:
     _ACTORS[name] = ray.remote(num_cpus=0)(IndexActor).options(name=name).remote(params, name)
 
 
-def seed_index(name: str, existing: Existing) -> None:
+def seed_index(name: str, existing: Existing, snapshots: str = "") -> None:
     """Seed a started index with the rows already stored, which count as seen first: a
-    ``StoredSignatures`` the actor reads itself, or (id, dedup_sig) pairs. Not waited for: the
-    actor seeds itself while the stages' actor pools start."""
-    _ACTORS[name].seed.remote(_source(existing))
+    ``StoredSignatures`` the actor reads itself, or (id, dedup_sig) pairs; ``snapshots``: a folder
+    where the index saves itself at the end of the run and starts from the next time. Not waited
+    for: the actor seeds itself while the stages' actor pools start."""
+    _ACTORS[name].seed.remote(_source(existing), snapshots)
 
 
-def create_index(name: str, params: dict, existing: Existing, local: bool = False) -> Any:
+def create_index(name: str, params: dict, existing: Existing, local: bool = False, snapshots: str = "") -> Any:
     """Create the run's index (a named Ray actor when Ray is up, unless ``local``: then the stages
     run in this process too); ``existing``: the stored rows, which count as seen first (see
     ``seed_index``). Replaces an index of the same name."""
@@ -985,7 +1176,7 @@ def create_index(name: str, params: dict, existing: Existing, local: bool = Fals
         _LOCAL[name] = DedupIndex(params, _source(existing))
         return _LOCAL[name]
     start_index(name, params)
-    seed_index(name, existing)
+    seed_index(name, existing, snapshots)
     return _ACTORS[name]
 
 
@@ -1064,14 +1255,24 @@ class Dedup(Stage):
         """Hand the index where to read the stored signatures: it reads them itself."""
         name = index_name(scope.run_id)
         stored = StoredSignatures(scope.stored, scope.removed, incoming=scope.incoming)
+        # The index actor of a store saves itself at the end of a run and starts from that the next
+        # time, parsing only the stored rows it does not hold (an in-process index is small: no).
+        snapshots = os.path.join(scope.cache_dir, "dedup") if scope.cache_dir and scope.stored else ""
         if name in _ACTORS and not scope.local:
-            seed_index(name, stored)
+            seed_index(name, stored, snapshots)
         else:
-            create_index(name, scope.params.model_dump(), stored, local=scope.local)
+            create_index(name, scope.params.model_dump(), stored, local=scope.local, snapshots=snapshots)
 
     @classmethod
     def close_run(cls, scope: RunScope, failed: bool) -> None:
-        close_index(index_name(scope.run_id))
+        name = index_name(scope.run_id)
+        try:
+            if not failed and name in _ACTORS:
+                ray.get(_ACTORS[name].save.remote())
+        except Exception as exc:   # a cache: the next run seeds from the store instead
+            print(f"mmpipe: warning: the dedup index was not saved for the next run: {exc}", file=sys.stderr)
+        finally:
+            close_index(name)
 
     def process(self, batch: Batch) -> Batch:
         n = num_rows(batch)

@@ -162,6 +162,14 @@ def test_a_small_plan_on_a_large_store_runs_in_actors(own, tmp_path):
     write_rows(manifest, rows)
     rec = go(folder, manifest, store, small)
     assert rec["counts"]["processed"] == 1 and rec["execution"] == "ray-data"
+    saved = store / "cache" / "dedup" / "shard-0-of-1"   # the index actor saved itself for the next run
+    assert (saved / "outline.json").is_file()
+    before = (saved / "outline.json").stat().st_mtime_ns
+    rows[1]["text"] = "another changed caption, about hills"
+    write_rows(manifest, rows)
+    rec = go(folder, manifest, store, small)                 # ... which starts from it
+    assert rec["counts"]["processed"] == 1 and rec["counts"]["accepted"] + rec["counts"]["rejected"] == len(rows)
+    assert (saved / "outline.json").stat().st_mtime_ns > before
 
 
 def test_small_plans_run_in_the_driver_with_the_same_result(own, tmp_path):

@@ -410,6 +410,71 @@ def test_params_are_validated():
         DedupParams.model_validate({"phash_treshold": 4})
 
 
+def _store_after(existing: list[tuple[str, str]], run: list[tuple[str, str]], ids: set[str]) -> list[tuple[str, str]]:
+    """The stored rows after a run that processed ``ids`` and kept ``run`` (id, signature): those
+    ids and a tenth of the others replaced (rewritten: they move after the untouched rows, as a
+    rewritten data file does), a tenth removed, a few new rows at the end."""
+    other = [s for _, s in existing if s]
+    untouched, moved = [], []
+    for k, (i, sig) in enumerate(existing):
+        if i in ids or k % 10 == 3:
+            continue
+        (moved if k % 10 == 7 else untouched).append((i, other[(k * 7) % len(other)] if k % 10 == 7 else sig))
+    return untouched + moved + run + [(f"new-{k}", other[(k * 13) % len(other)]) for k in range(15)]
+
+
+@pytest.mark.parametrize("params", PARAMS[:4])
+def test_a_saved_index_brought_up_to_date_answers_as_a_fresh_one(params, tmp_path, monkeypatch):
+    """A shard saved after a run and refreshed against the store that run left gives the verdicts
+    and size of one seeded from that store, parsing only the rows it did not hold."""
+    monkeypatch.setattr(dedup, "COMPACT_MIN", 8)
+    p = DedupParams.model_validate(params)
+    existing, blocks = random_run(3, p)
+    seen: set[str] = set()
+    existing = [(i, s) for i, s in existing if not (i in seen or seen.add(i))]   # one row per id
+    snapshot = str(tmp_path / "shard-0-of-1")
+    first = DedupIndex(p, existing, snapshot)   # nothing saved yet: seeded from the store
+    run = {}
+    for block in blocks[:4]:
+        for sig, kept in zip(block, first.check(block)):
+            run.pop(sig.id, None)
+            if kept is None:
+                run[sig.id] = sig.to_json()
+    first._shard.save(snapshot)
+    now = _store_after(existing, list(run.items()), {sig.id for block in blocks[:4] for sig in block})
+    held = {(i, s) for i, s in existing if s}
+    to_parse = sum(1 for i, s in now if s and (i, s) not in held)
+    parsed = []
+    parse = dedup._Block.parse
+    monkeypatch.setattr(dedup._Block, "parse", classmethod(lambda cls, ids, texts, n: parsed.append(len(ids)) or
+                                                           parse(ids, texts, n)))
+    restored = DedupIndex(p, now, snapshot)
+    assert sum(parsed) == to_parse
+    parsed.clear()
+    fresh = DedupIndex(p, now)
+    assert sum(parsed) == sum(1 for _, s in now if s) > 1.5 * to_parse
+    assert restored.size() == fresh.size()
+    verdicts = [restored.check(block) for block in blocks[4:]]
+    assert verdicts == [fresh.check(block) for block in blocks[4:]]
+    assert sum(v is not None for block in verdicts for v in block) > 10   # stored rows are matched
+
+
+def test_a_saved_index_is_used_only_by_the_same_params_and_when_readable(tmp_path):
+    p = DedupParams()
+    existing, _ = random_run(4, p, stored=50, new=1)
+    snapshot = tmp_path / "shard-0-of-1"
+    DedupIndex(p, existing)._shard.save(str(snapshot))
+    assert json.loads((snapshot / "outline.json").read_text())["params"] == p.model_dump(mode="json")
+    assert dedup._Shard(p)._restore(str(snapshot))
+    assert not dedup._Shard(DedupParams(num_perm=64))._restore(str(snapshot))    # other params
+    assert not dedup._Shard(p, home=1, shards=2)._restore(str(snapshot))          # another shard's
+    cut = snapshot / "seq._a.npy"
+    cut.write_bytes(cut.read_bytes()[:100])                                       # cut short
+    assert not dedup._Shard(p)._restore(str(snapshot))
+    index = DedupIndex(p, existing, str(snapshot))                                # seeded from the store
+    assert index.size() == DedupIndex(p, existing).size()
+
+
 # -- through a real Ray actor (kept last: Ray stays up for the rest of the module) ----------
 @pytest.fixture(scope="module")
 def ray_local():
@@ -538,3 +603,30 @@ def test_concurrent_blocks_never_keep_two_near_duplicates(ray_local):
         assert ray.get(actor.size.remote()) == 24
     finally:
         close_index(name)
+
+
+def test_the_index_actor_saves_itself_for_the_next_run(ray_local, tmp_path):
+    """At the end of a run the index actor saves the stored rows it holds (not the run's own: the
+    next run finds those in the store); the next run's index starts from that file."""
+    ray = ray_local
+    p = DedupParams()
+    stored = [signature_of(f"s{k}", {"image": None, "text": paragraph(30 + k), "audio": None}, p) for k in range(3)]
+    pairs = [(s.id, s.to_json()) for s in stored]
+    new = signature_of("n1", {"image": None, "text": paragraph(40), "audio": None}, p)
+    name = index_name("saving-run")
+    create_index(name, p.model_dump(), pairs, snapshots=str(tmp_path))
+    try:
+        assert ray.get(ray.get_actor(name).check.remote([new])) == [None]
+        assert ray.get(ray.get_actor(name).save.remote()) == 1
+    finally:
+        close_index(name)
+    shard = dedup._Shard(p)
+    assert shard._restore(str(tmp_path / "shard-0-of-1")) and shard.size() == 3
+    again = index_name("next-run")
+    create_index(again, p.model_dump(), pairs + [(new.id, new.to_json())], snapshots=str(tmp_path))
+    try:
+        copy = signature_of("c", {"image": None, "text": paragraph(40), "audio": None}, p)
+        assert ray.get(ray.get_actor(again).check.remote([copy])) == ["n1"]
+        assert ray.get(ray.get_actor(again).size.remote()) == 4   # the copy is not registered
+    finally:
+        close_index(again)
