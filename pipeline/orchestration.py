@@ -118,15 +118,20 @@ class Pipeline:
         self.close()
         self._started_ray = False
         stop = self._ray_start.shutdown if self._ray_start is not None else ray.shutdown
+        self._ray_start = None
         stopping = threading.Thread(target=stop, name="mmpipe-ray-shutdown")
         stopping.start()
         return stopping
 
     def close(self) -> None:
-        """Every opened stage's ``close_run``, whatever happened (each is called once)."""
+        """Every opened stage's ``close_run``, whatever happened (each is called once); a Ray
+        started early that no pass used is shut down."""
         while self._open:
             cls, scope = self._open.popitem()
             cls.close_run(scope, self._failed)
+        if self._ray_start is not None and not self._started_ray:
+            start, self._ray_start = self._ray_start, None
+            start.shutdown()
 
     def __enter__(self) -> "Pipeline":
         return self

@@ -198,6 +198,24 @@ def test_a_plan_the_driver_handles_never_starts_ray(own, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, "driver", N]
 
 
+def test_a_ray_started_early_is_stopped_when_the_plan_holds_nothing(tmp_path):
+    """More new inputs than local_max_rows start Ray while the driver scans; when every one of
+    them is then rejected at the scan, the pass never uses it and the run shuts it down."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{k}", "image": f"gone-{k}.png"}) + "\n" for k in range(12)))
+    write_config(tmp_path, {"source": {"path": str(manifest)}, "store": str(tmp_path / "s"),
+                            "execution": {"local_max_rows": 5}})
+    code = ("import json, ray; from core.config import load_config; from pipeline import runner; "
+            "from pipeline.execution import RayStart; started = []; init = RayStart.__init__; "
+            "RayStart.__init__ = lambda self, cfg: started.append(self) or init(self, cfg); "
+            f"rec = runner.run(load_config({str(tmp_path / 'config.yaml')!r}), log=lambda s: None).record; "
+            "[s._ready.wait(120) for s in started]; "   # Ray up (or down again) before it is looked at
+            "print(json.dumps([len(started), ray.is_initialized(), rec['counts']['accepted'], rec['rejects_by_reason']]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, False, 0, {"missing_file": 12}]
+
+
 def test_a_file_rewritten_in_place_is_seen_despite_the_hash_cache(own, tmp_path):
     folder, manifest = own
     store = tmp_path / "s"
