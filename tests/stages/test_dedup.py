@@ -605,11 +605,13 @@ def test_concurrent_blocks_never_keep_two_near_duplicates(ray_local):
         close_index(name)
 
 
-def test_the_index_actor_saves_itself_for_the_next_run(ray_local, tmp_path):
-    """At the end of a run the index actor saves the stored rows it holds (not the run's own: the
-    next run finds those in the store); the next run's index starts from that file."""
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_index_actor_saves_itself_for_the_next_run(ray_local, tmp_path, shards):
+    """At the end of a run the index actor (or each of its shard actors) saves the stored rows it
+    holds (not the run's own: the next run finds those in the store); the next run's index starts
+    from them."""
     ray = ray_local
-    p = DedupParams()
+    p = DedupParams(shards=shards)
     stored = [signature_of(f"s{k}", {"image": None, "text": paragraph(30 + k), "audio": None}, p) for k in range(3)]
     pairs = [(s.id, s.to_json()) for s in stored]
     new = signature_of("n1", {"image": None, "text": paragraph(40), "audio": None}, p)
@@ -617,11 +619,15 @@ def test_the_index_actor_saves_itself_for_the_next_run(ray_local, tmp_path):
     create_index(name, p.model_dump(), pairs, snapshots=str(tmp_path))
     try:
         assert ray.get(ray.get_actor(name).check.remote([new])) == [None]
-        assert ray.get(ray.get_actor(name).save.remote()) == 1
+        assert ray.get(ray.get_actor(name).save.remote()) == shards
     finally:
         close_index(name)
-    shard = dedup._Shard(p)
-    assert shard._restore(str(tmp_path / "shard-0-of-1")) and shard.size() == 3
+    held = 0
+    for k in range(shards):
+        shard = dedup._Shard(p, k, shards)
+        assert shard._restore(str(tmp_path / f"shard-{k}-of-{shards}"))
+        held += shard.size()
+    assert held == 3
     again = index_name("next-run")
     create_index(again, p.model_dump(), pairs + [(new.id, new.to_json())], snapshots=str(tmp_path))
     try:
