@@ -124,7 +124,9 @@ class RayConfig(Strict):
     num_cpus: int | None = None
     num_gpus: int | None = None
     metrics_export_port: int | None = None
-    dashboard: bool = True
+    # auto: on where Ray runs long enough to watch (training, tuning, serving, a run of at least
+    # DASHBOARD_ROWS new inputs), off for a short run (its processes cost seconds of start-up)
+    dashboard: bool | Literal["auto"] = "auto"
     progress_bars: bool = False   # Ray Data's per-operator bars on a terminal (instead of mmpipe's line)
 
 

@@ -273,6 +273,8 @@ def demo(out: Path = typer.Option(Path("data/demo"), "--out", help="Where the de
     manifest = make_demo(out, n=n, videos=videos, signal=signal)
     typer.echo(f"demo data: {manifest}")
     cfg = _config(config, set_, source__path=str(manifest), store=store)
+    if cfg.ray.dashboard == "auto":   # the demo shows where to watch it
+        cfg.ray.dashboard = True
     result = run_pipeline(cfg, log=lambda s: typer.echo(s, err=True))
     typer.echo(format_run(result.record))
     if skip_train:

@@ -56,8 +56,13 @@ BLOCKS_PER_CPU = 8    # blocks at least, where the rows allow: the last ones kee
 INPUT_BLOCK = "_input_block"   # the first pool's input column: which of ``inputs`` a block stands for
 
 
-def init_ray(cfg: Config) -> dict[str, Any]:
-    """Connect to ``ray.address`` / RAY_ADDRESS, or start Ray in-process. Returns cluster facts."""
+DASHBOARD_ROWS = 100_000   # ray.dashboard: auto starts the dashboard for a run of at least this many new inputs
+
+
+def init_ray(cfg: Config, rows: int | None = None) -> dict[str, Any]:
+    """Connect to ``ray.address`` / RAY_ADDRESS, or start Ray in-process (with the dashboard as
+    ``ray.dashboard`` says; ``rows``: the new inputs of the run Ray starts for, None for other
+    work). Returns cluster facts."""
     dashboard = ""
     remote = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
@@ -67,7 +72,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
             kwargs["address"] = address
         else:
             kwargs.update(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                          include_dashboard=cfg.ray.dashboard)
+                          include_dashboard=dashboard_wanted(cfg, rows))
             if cfg.ray.metrics_export_port:
                 kwargs["_metrics_export_port"] = cfg.ray.metrics_export_port
         context = ray.init(**kwargs)
@@ -79,21 +84,27 @@ def init_ray(cfg: Config) -> dict[str, Any]:
             "remote": remote or len(ray.nodes()) > 1, "ray_started": True}
 
 
+def dashboard_wanted(cfg: Config, rows: int | None) -> bool:
+    if cfg.ray.dashboard == "auto":
+        return rows is None or rows >= DASHBOARD_ROWS
+    return bool(cfg.ray.dashboard)
+
+
 class RayStart:
     """``ray.init`` on a thread of its own, so that the driver reads and plans while Ray's
     processes start (3-4 s on a 2-core machine, RESULTS.md). The thread stays parked until
     ``shutdown`` (or the process's end): Linux ties Ray's child processes to the thread that
     started them (PR_SET_PDEATHSIG), and they would be killed, not shut down, with it."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, rows: int | None = None):
         self.info: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self._ready, self._release = threading.Event(), threading.Event()
-        threading.Thread(target=self._run, args=(cfg,), name="mmpipe-ray-start", daemon=True).start()
+        threading.Thread(target=self._run, args=(cfg, rows), name="mmpipe-ray-start", daemon=True).start()
 
-    def _run(self, cfg: Config) -> None:
+    def _run(self, cfg: Config, rows: int | None) -> None:
         try:
-            self.info = init_ray(cfg)
+            self.info = init_ray(cfg, rows)
         except BaseException as exc:   # handed to the thread that waits for Ray
             self.error = exc
         finally:
@@ -126,11 +137,11 @@ def cluster_facts(cfg: Config) -> dict[str, Any]:
             "remote": False, "ray_started": False}
 
 
-def ensure_ray(cfg: Config, info: dict[str, Any], log) -> dict[str, Any]:
+def ensure_ray(cfg: Config, info: dict[str, Any], log, rows: int | None = None) -> dict[str, Any]:
     """Start (or connect to) Ray if ``cluster_facts`` did not; logs the dashboard address."""
     if info["ray_started"]:
         return info
-    info = init_ray(cfg)
+    info = init_ray(cfg, rows)
     if info.get("dashboard_url"):
         log(f"Ray dashboard: http://{info['dashboard_url']}")
     return info

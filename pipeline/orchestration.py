@@ -95,7 +95,7 @@ class Pipeline:
             return
         if not self.info.get("ray_started"):
             if self._ray_start is None:
-                self._ray_start = RayStart(self.cfg)
+                self._ray_start = RayStart(self.cfg, new_inputs)
             return
         for spec in self.specs:
             scope = self._scope(spec, local=False)
@@ -203,7 +203,7 @@ class Pipeline:
                 if self.info.get("dashboard_url"):
                     log(f"Ray dashboard: http://{self.info['dashboard_url']}")
             else:
-                self.info = ensure_ray(self.cfg, self.info, log)
+                self.info = ensure_ray(self.cfg, self.info, log, len(rows))
             self.ray_wait_s = time.perf_counter() - started
             self._started_ray = not self.info.get("remote")
             self.specs = self._resolve(self.info["num_cpus"])

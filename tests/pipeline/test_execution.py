@@ -167,3 +167,14 @@ def test_a_warm_driver_seeds_an_index_started_before_the_scan(tmp_path, ray_sess
     rejects = DeltaTable(str(store / "rejects")).to_pyarrow_table().to_pylist()
     assert [(r["reason"], r["detail"]) for r in rejects if r["id"] == "copy"] == [("duplicate", "s00001")]
 
+
+
+def test_the_dashboard_starts_where_ray_runs_long_enough_to_watch():
+    from pipeline.execution import DASHBOARD_ROWS, dashboard_wanted
+
+    auto = Config.model_validate({"store": "s"})
+    assert auto.ray.dashboard == "auto"
+    assert not dashboard_wanted(auto, 7_200) and dashboard_wanted(auto, DASHBOARD_ROWS)
+    assert dashboard_wanted(auto, None)   # training, tuning, serving, search
+    on, off = (Config.model_validate({"store": "s", "ray": {"dashboard": v}}) for v in (True, False))
+    assert dashboard_wanted(on, 10) and not dashboard_wanted(off, None)
