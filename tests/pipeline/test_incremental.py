@@ -207,7 +207,7 @@ def test_a_ray_started_early_is_stopped_when_the_plan_holds_nothing(tmp_path):
                             "execution": {"local_max_rows": 5}})
     code = ("import json, ray; from core.config import load_config; from pipeline import runner; "
             "from pipeline.execution import RayStart; started = []; init = RayStart.__init__; "
-            "RayStart.__init__ = lambda self, cfg: started.append(self) or init(self, cfg); "
+            "RayStart.__init__ = lambda self, *a: started.append(self) or init(self, *a); "
             f"rec = runner.run(load_config({str(tmp_path / 'config.yaml')!r}), log=lambda s: None).record; "
             "[s._ready.wait(120) for s in started]; "   # Ray up (or down again) before it is looked at
             "print(json.dumps([len(started), ray.is_initialized(), rec['counts']['accepted'], rec['rejects_by_reason']]))")
