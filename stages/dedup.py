@@ -581,6 +581,13 @@ def _sha_keys(p: DedupParams) -> set[str]:
     return keys
 
 
+def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``rows`` in lists of ``size`` (the last one shorter)."""
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def _row_keys(ids: Iterable[str], texts: Iterable[str]) -> np.ndarray:
     """(n, 2) uint64: a 128-bit hash of each stored row's id and signature, to tell a saved row still stored."""
     return np.array([mmh3.hash64(f"{i}\0{t}", signed=False) for i, t in zip(ids, texts)], np.uint64).reshape(-1, 2)
@@ -698,8 +705,8 @@ class _Shard:
     # -- seeding ------------------------------------------------------------------------------
     def seed(self, source: "StoredSignatures", snapshot: str = "") -> int:
         """Add the stored rows that fall to this shard, in store order; returns how many it holds.
-        With ``snapshot`` (a file ``save`` wrote in an earlier run), start from it: only the stored
-        rows whose id and signature it does not hold are parsed (``_refresh``)."""
+        With ``snapshot`` (the folder ``save`` wrote in an earlier run), start from it: only the
+        stored rows whose id and signature it does not hold are parsed (``_refresh``)."""
         restored = bool(snapshot) and self._restore(snapshot)
         if restored:
             self._refresh(source)
@@ -718,13 +725,8 @@ class _Shard:
 
     def _seed_rows(self, rows: Iterable[tuple[int, str, str]], base: int) -> None:
         """Parse and add stored rows (scan position, id, signature), as seq ``base + position``."""
-        chunk: list[tuple[int, str, str]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == SEED_CHUNK:
-                self._seed_chunk(chunk, base)
-                chunk = []
-        self._seed_chunk(chunk, base)
+        for chunk in _chunks(rows, SEED_CHUNK):
+            self._seed_chunk(chunk, base)
 
     def _seed_chunk(self, rows: list[tuple[int, str, str]], base: int = 0) -> None:
         if rows:
@@ -744,9 +746,7 @@ class _Shard:
         seen = np.zeros(len(alive), bool)
         base = int(self.seq.data[alive].max()) + 1 if len(alive) else 0
         missing: list[tuple[int, str, str]] = []
-        chunk: list[tuple[int, str, str]] = []
-
-        def look(chunk: list[tuple[int, str, str]]) -> None:
+        for chunk in _chunks(source.rows(self.owns), SEED_CHUNK):
             keys = _row_keys([i for _, i, _ in chunk], [t for _, _, t in chunk])
             at = np.minimum(np.searchsorted(first, keys[:, 0]), max(len(held) - 1, 0))
             hit = (held[at] == keys).all(axis=1) if len(held) else np.zeros(len(keys), bool)
@@ -755,14 +755,6 @@ class _Shard:
             if len(missing) >= SEED_CHUNK:
                 self._seed_chunk(missing, base)
                 missing.clear()
-
-        for row in source.rows(self.owns):
-            chunk.append(row)
-            if len(chunk) == SEED_CHUNK:
-                look(chunk)
-                chunk = []
-        if chunk:
-            look(chunk)
         self._seed_chunk(missing, base)
         gone = alive[~seen]
         self.alive.data[gone] = False
