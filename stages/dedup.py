@@ -1060,7 +1060,34 @@ def shard_count(p: DedupParams, source: StoredSignatures) -> int:
     return 1 if cpus <= 1 else max(1, min(math.ceil((source.count() + source.incoming) / p.rows_per_shard), cpus))
 
 
-class IndexActor:
+class SeededActor:
+    """What the dedup and semantic dedup index actors share: every call waits for the seed (and
+    fails with its error), and the size and shard count of the index, held here (``_index``) or
+    in shard actors (``_shards``)."""
+
+    WHAT = "the dedup index"
+    _index: Any
+    _shards: list[Any]
+    _seeded: asyncio.Event
+    _error: str
+
+    async def size(self) -> int:
+        await self._ready()
+        if self._index is not None:
+            return self._index.size()
+        return sum(await asyncio.gather(*(s.size.remote() for s in self._shards)))
+
+    async def shards(self) -> int:
+        await self._ready()
+        return len(self._shards) or 1
+
+    async def _ready(self) -> None:
+        await self._seeded.wait()
+        if self._error:
+            raise RuntimeError(f"{self.WHAT} could not be seeded from the store: {self._error}")
+
+
+class IndexActor(SeededActor):
     """The run's index as a Ray actor that may be started before it is seeded: the runner starts
     it before the scan, so that the worker's start-up overlaps the driver's scan, and seeds it
     once the plan says which stored rows count. Async: a check that arrives before the seed
@@ -1128,20 +1155,6 @@ class IndexActor:
                 await asyncio.gather(*(s.save.remote(path) for s, path in zip(self._shards, self._snapshots)))
             return len(self._snapshots)
 
-    async def size(self) -> int:
-        await self._ready()
-        if self._index is not None:
-            return self._index.size()
-        return sum(await asyncio.gather(*(s.size.remote() for s in self._shards)))
-
-    async def shards(self) -> int:
-        await self._ready()
-        return len(self._shards) or 1
-
-    async def _ready(self) -> None:
-        await self._seeded.wait()
-        if self._error:
-            raise RuntimeError(f"the dedup index could not be seeded from the store: {self._error}")
 
 
 def start_index(name: str, params: dict) -> None:

@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 import ray
 
 from stages.base import MODALITIES, REDO, Batch, RunScope, Stage, StageParams, fingerprint_of
-from stages.dedup import AUG, _Column, _Strings, originals_to_check, shard_count
+from stages.dedup import AUG, SeededActor, _Column, _Strings, originals_to_check, shard_count
 from stages.dedup import close_index as _close_actors
 from stages.registry import register_stage
 
@@ -497,11 +497,13 @@ class SemanticIndex:
         return verdicts
 
 
-class SemanticActor:
+class SemanticActor(SeededActor):
     """The run's index as a Ray actor, seeded (``seed``) from the store by itself or by the shard
     actors it starts. Async: a check that arrives before the seed waits for it. Checks take turns,
     each to its end, registration included, so two near-duplicates in blocks of different stage
     actors cannot both be kept."""
+
+    WHAT = "the semantic dedup index"
 
     def __init__(self, params: dict, name: str = ""):
         self.p = SemanticParams.model_validate(params)
@@ -557,20 +559,6 @@ class SemanticActor:
                                    if any(v.any() for v in owned.values())))
             return verdicts
 
-    async def size(self) -> int:
-        await self._ready()
-        if self._index is not None:
-            return self._index.size()
-        return sum(await asyncio.gather(*(s.size.remote() for s in self._shards)))
-
-    async def shards(self) -> int:
-        await self._ready()
-        return len(self._shards) or 1
-
-    async def _ready(self) -> None:
-        await self._seeded.wait()
-        if self._error:
-            raise RuntimeError(f"the semantic dedup index could not be seeded from the store: {self._error}")
 
 
 def close_index(name: str) -> None:
