@@ -105,15 +105,21 @@ def queries(n: int) -> tuple[list[str], np.ndarray]:
     return [f"q{k}" for k in range(QUERIES)], x
 
 
-def exact(n: int, ids: list[str], x: np.ndarray) -> list[str | None]:
-    """The stage's rule by brute force in float32 over every stored row."""
-    t = PARAMS["threshold"]
+def nearest_stored(n: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``x``, the cosine of its nearest stored row and that row's position (brute force, float32)."""
     best, where = np.full(len(x), -np.inf, np.float32), np.zeros(len(x), np.int64)
     for start in range(0, n, CHUNK):
         sims = x @ chunk(start, min(CHUNK, n - start)).T
         top = sims.argmax(axis=1)
         better = sims[np.arange(len(x)), top] > best
         best[better], where[better] = sims[np.arange(len(x)), top][better], start + top[better]
+    return best, where
+
+
+def exact(n: int, ids: list[str], x: np.ndarray) -> list[str | None]:
+    """The stage's rule by brute force in float32 over every stored row."""
+    t = PARAMS["threshold"]
+    best, where = nearest_stored(n, x)
     verdicts: list[str | None] = []
     kept = np.zeros(0, np.int64)
     for b in range(0, len(x), BLOCK):
@@ -255,12 +261,7 @@ def run_library(name: str, n: int, qfile: str) -> dict:
 
 def compare_libraries(n: int) -> None:
     ids, x = queries(n)
-    best, where = np.full(len(x), -np.inf, np.float32), np.zeros(len(x), np.int64)
-    for start in range(0, n, CHUNK):
-        sims = x @ chunk(start, min(CHUNK, n - start)).T
-        top = sims.argmax(axis=1)
-        better = sims[np.arange(len(x)), top] > best
-        best[better], where[better] = sims[np.arange(len(x)), top][better], start + top[better]
+    best, where = nearest_stored(n, x)
     truth = np.where(best >= PARAMS["threshold"], where, -1)
     near = np.abs(best - PARAMS["threshold"])
     report = Report(f"Vector stores for the semantic dedup index: {n:,} stored 512-d rows, the {len(x):,} checked rows' "
