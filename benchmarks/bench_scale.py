@@ -17,7 +17,7 @@ any other process < 2 GB; no-op rerun < 20 s at the largest size; 1 %-changed / 
 driver peak < 2 GB.
 
 Run: .venv/bin/python benchmarks/bench_scale.py [--sizes 100000,1000000] [--media 0] [--epochs 2]
-     [--timeout 3600] [--rss-cap-gb 18] [--out results.json] [--keep]
+     [--timeout 3600] [--rss-cap-gb 18] [--steps full,noop,changed,train] [--out results.json] [--keep]
 """
 from __future__ import annotations
 
@@ -342,7 +342,7 @@ def bench_size(n: int, args: argparse.Namespace, base: Path) -> SizeResult:
     store = folder / "store"
     config = write_config(folder, manifest, store, args.media, args.epochs)
     run_argv = [MMPIPE, "run", str(config), "--input", str(manifest), "--store", str(store)]
-    for step in STEPS:
+    for step in args.steps:
         if step == "changed":
             result.changed_texts = change_texts(manifest, args.changed)
         argv = [MMPIPE, "train", str(config), "--store", str(store)] if step == "train" else run_argv
@@ -448,12 +448,14 @@ def main() -> None:
     ap.add_argument("--media", type=int, default=0, help="add this many demo rows with image + text + audio")
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of texts changed for the third step")
     ap.add_argument("--epochs", type=int, default=2, help="training epochs for the train step")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"which steps, in this order (of {', '.join(STEPS)})")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per step before it is killed")
     ap.add_argument("--rss-cap-gb", type=float, default=18, help="kill a step whose process tree's RSS passes this")
     ap.add_argument("--interval", type=float, default=0.2, help="memory sampling period, seconds")
     ap.add_argument("--out", type=Path, help="write the raw numbers to this JSON file")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (benchmarks/_work/scale)")
     args = ap.parse_args()
+    args.steps = [s for s in STEPS if s in args.steps.split(",")]
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     base, load_start = work_dir("scale"), load_avg()
     results = []

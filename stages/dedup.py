@@ -24,7 +24,8 @@ other is always rejected with the kept id; a rerun keeps what the store holds).
 
 The index keeps its rows in numpy arrays (``_Shard``), no Python object per row, and reads the
 stored signatures itself, streamed from the store. A store of more than ``rows_per_shard`` rows
-is spread by id hash over shard actors (at most one per CPU of the cluster). The index actor then
+is spread by id hash over shard actors, one per ``rows_per_shard`` rows (0-CPU actors: their
+count follows the data, not the cluster's CPUs). The index actor then
 sends each block to every shard, takes the earliest match any shard reports, settles the block's
 rows among themselves, and only then registers its kept rows in their shards; blocks take turns
 through all of it, so two near duplicates in concurrent blocks are never both kept.
@@ -87,7 +88,7 @@ class DedupParams(StageParams):
     shingle: int = Field(3, ge=1)
     min_shingles: int = Field(5, ge=1)   # fewer shingles than this: the text only matches exactly
     rows_per_shard: int = Field(2_000_000, ge=1)   # stored rows per index shard actor
-    shards: int = Field(0, ge=0)         # 0: ceil(stored rows / rows_per_shard), at most the cluster's CPUs
+    shards: int = Field(0, ge=0)         # 0: ceil(stored rows / rows_per_shard)
 
     # How the index spreads over actors changes no verdict: left out of the stage fingerprint.
     RUNTIME_ONLY: ClassVar[frozenset[str]] = frozenset({"rows_per_shard", "shards"})
@@ -1053,11 +1054,14 @@ _ACTORS: dict[str, Any] = {}
 
 
 def shard_count(p: DedupParams, source: StoredSignatures) -> int:
-    """``shards`` when set, else one shard per ``rows_per_shard`` rows (stored and incoming), at most one per CPU."""
+    """``shards`` when set, else one shard per ``rows_per_shard`` rows (stored and incoming); one, in
+    this process, without Ray. Not capped by the cluster's CPUs: the shards are 0-CPU actors, and
+    their count is what keeps each one's memory bounded as the store grows."""
     if p.shards:
         return p.shards
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    return 1 if cpus <= 1 else max(1, min(math.ceil((source.count() + source.incoming) / p.rows_per_shard), cpus))
+    if not ray.is_initialized():
+        return 1
+    return max(1, math.ceil((source.count() + source.incoming) / p.rows_per_shard))
 
 
 class SeededActor:

@@ -16,8 +16,8 @@ bytes and FAISS's 8-bit scalar quantizer (a range per dimension) flipped more pa
 
 It is seeded from the stored originals' embeddings, streamed in record batches, in a named Ray
 actor that checks one block at a time, or in this process for runs in the driver. A store of more
-than ``rows_per_shard`` rows is spread over shard actors as SemDeDup spreads its work (at most one
-per CPU of the cluster): per compared modality, spherical k-means centroids fit on a sample of the
+than ``rows_per_shard`` rows is spread over shard actors as SemDeDup spreads its work (one per
+``rows_per_shard`` rows, whatever the cluster's CPUs: memory sets the count): per compared modality, spherical k-means centroids fit on a sample of the
 stored vectors route each vector to the shard of its nearest centroid, and a row is looked up in
 its ``probe`` nearest shards and in any other about as near (``probe_margin``). The
 index actor takes each row's nearest candidates over those shards, checks the candidates' other
@@ -65,7 +65,7 @@ class SemanticParams(StageParams):
     thresholds: dict[str, float] = Field(default_factory=dict)   # ... or its own, e.g. {text: 0.85}
     candidates: int = Field(10, ge=1)   # nearest rows looked at per row and modality (graph search width: 2x, >= 256)
     rows_per_shard: int = Field(500_000, ge=1)        # stored rows per index shard actor
-    shards: int = Field(0, ge=0)        # 0: ceil(stored rows / rows_per_shard), at most the cluster's CPUs
+    shards: int = Field(0, ge=0)        # 0: ceil(stored rows / rows_per_shard)
     probe: int = Field(2, ge=1)         # shards a row is looked up in, nearest first (by their centroids) ...
     # ... and any other whose nearest centroid is within probe_margin x tan(arccos threshold) (cosine)
     # of the row's nearest: the looser the threshold, the farther from its centroid a duplicate may lie.
