@@ -80,8 +80,18 @@ def init_ray(cfg: Config, rows: int | None = None) -> dict[str, Any]:
         # Progress bars on a terminal; in logs (CI, jobs) they are noise.
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars and sys.stderr.isatty()
     res = ray.cluster_resources()
+    alive = [node for node in ray.nodes() if node.get("Alive", True)]
     return {"num_cpus": int(res.get("CPU", 1)), "num_gpus": int(res.get("GPU", 0)), "dashboard_url": dashboard,
-            "remote": remote or len(ray.nodes()) > 1, "ray_started": True}
+            "remote": beyond_this_machine(alive, ray.util.get_node_ip_address()), "connected": remote,
+            "ray_started": True}
+
+
+def beyond_this_machine(nodes: list[dict], here: str) -> bool:
+    """Whether Ray's workers may run where this machine's disk is not: more than one node, or one
+    on another address. A Ray kept running on this machine (``ray start --head``, then
+    ``ray.address: auto``) is not: its actors read and write the local store as an in-process
+    Ray's do, and the scan stays in the driver."""
+    return len(nodes) > 1 or any(node.get("NodeManagerAddress") != here for node in nodes)
 
 
 def dashboard_wanted(cfg: Config, rows: int | None) -> bool:
@@ -134,7 +144,7 @@ def cluster_facts(cfg: Config) -> dict[str, Any]:
         return init_ray(cfg)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {"num_cpus": int(cfg.ray.num_cpus or cpus), "num_gpus": int(cfg.ray.num_gpus or 0), "dashboard_url": "",
-            "remote": False, "ray_started": False}
+            "remote": False, "connected": False, "ray_started": False}
 
 
 def ensure_ray(cfg: Config, info: dict[str, Any], log, rows: int | None = None) -> dict[str, Any]:

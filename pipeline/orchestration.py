@@ -55,7 +55,8 @@ class Pipeline:
             pipe.info = cluster_facts(cfg)
             pipe.specs = pipe._resolve(pipe.info["num_cpus"])
         else:
-            pipe.info = {"num_cpus": 1, "num_gpus": 0, "dashboard_url": "", "remote": False, "ray_started": False}
+            pipe.info = {"num_cpus": 1, "num_gpus": 0, "dashboard_url": "", "remote": False, "connected": False,
+                         "ray_started": False}
         return pipe
 
     def _resolve(self, num_cpus: int) -> list[StageSpec]:
@@ -205,7 +206,7 @@ class Pipeline:
             else:
                 self.info = ensure_ray(self.cfg, self.info, log, len(rows))
             self.ray_wait_s = time.perf_counter() - started
-            self._started_ray = not self.info.get("remote")
+            self._started_ray = not self.info.get("connected")
             self.specs = self._resolve(self.info["num_cpus"])
         self.open_stages(self.specs, local, removed, len(rows))
         self.local = local

@@ -92,7 +92,7 @@ def start(cfg: Config, model_dir: Path, options) -> Service:
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # this process's Serve client: no INFO lines
     info = init_ray(cfg)
-    started_ray = not (cfg.ray.address or info["remote"])
+    started_ray = not info["connected"]
     try:
         serve.start(http_options={"host": options.host, "port": options.port,
                                   # Serve's own limit, past the ingress's answer to a slow request

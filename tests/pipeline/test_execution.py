@@ -178,3 +178,10 @@ def test_the_dashboard_starts_where_ray_runs_long_enough_to_watch():
     assert dashboard_wanted(auto, None)   # training, tuning, serving, search
     on, off = (Config.model_validate({"store": "s", "ray": {"dashboard": v}}) for v in (True, False))
     assert dashboard_wanted(on, 10) and not dashboard_wanted(off, None)
+
+
+def test_a_ray_on_this_machine_shares_its_disk():
+    here = {"NodeManagerAddress": "10.0.0.5"}
+    assert not execution.beyond_this_machine([here], "10.0.0.5")   # `ray start --head` here, then ray.address: auto
+    assert execution.beyond_this_machine([{"NodeManagerAddress": "10.0.0.9"}], "10.0.0.5")
+    assert execution.beyond_this_machine([here, {"NodeManagerAddress": "10.0.0.5"}], "10.0.0.5")   # two nodes: a cluster
