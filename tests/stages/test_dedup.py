@@ -539,6 +539,7 @@ def test_an_index_started_before_its_seed_answers_checks_only_once_seeded(ray_lo
 
 def test_shards_follow_the_stored_rows(monkeypatch):
     source = StoredSignatures(pairs=tuple((f"r{k}", "") for k in range(5)))
+    monkeypatch.setattr(dedup.ray, "is_initialized", lambda: False)
     assert dedup.shard_count(DedupParams(rows_per_shard=2), source) == 1   # Ray not running: one, in-process
     monkeypatch.setattr(dedup.ray, "is_initialized", lambda: True)
     # Memory, not the cluster's CPUs, sets the count: the shards are 0-CPU actors.

@@ -204,7 +204,8 @@ def test_where_the_index_lives_leaves_the_fingerprint_alone():
 
 def test_shard_actors_give_the_verdicts_of_one_shard(ray_session):
     """Through the stage's run hooks: a store of more than ``rows_per_shard`` rows is spread over
-    shard actors (two: the test cluster's CPUs) that read the stored batches themselves."""
+    shard actors (three: 1,200 rows over 500 a shard, more than the test cluster's two CPUs) that
+    read the stored batches themselves."""
     ray = ray_session
     p = SemanticParams.model_validate({**PARAMS[0], "rows_per_shard": 500})
     stored, blocks = world(p, stored_rows=1200, blocks=3, seed=3)
@@ -214,7 +215,7 @@ def test_shard_actors_give_the_verdicts_of_one_shard(ray_session):
     SemanticDedup.open_run(scope)
     try:
         actor = ray.get_actor(name)
-        assert ray.get(actor.shards.remote(), timeout=60) == 2
+        assert ray.get(actor.shards.remote(), timeout=60) == 3
         check = semantic._open(name, p)
         assert [check(*block.args()) for block in blocks] == expected
         assert ray.get(actor.size.remote()) == len(stored.ids) + sum(v is None for out in expected for v in out)
