@@ -30,7 +30,7 @@ from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA, reject_record
 from core.store import Store
 from pipeline.plan import (Lineage, Plan, assign_ids, assign_ids_table, mark_content_duplicates, plan_rows,
                            reexamine)
-from pipeline.spill import Partitioned, Spill, key_hashes
+from pipeline.spill import Partitioned, Spill, in_sorted, key_hashes, release_free_heap
 from stages.base import MODALITIES
 from stages.ingest import SCAN_COLUMNS
 
@@ -143,10 +143,17 @@ class Planner:
             bucket, found = plan_rows(inputs.to_pylist(), lineage, self.fps, self.cfg, dedup=False)
             self._record(plan, bucket, lineage)
             candidates.add_rows(found)
-            touched.append(key_hashes(sorted(bucket.processed_ids | bucket.removed)))
-        self._reexamine(plan, candidates, np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.uint64))
+            # An id lives in one bucket: each bucket's hashes made unique, all of them sorted once.
+            touched.append(np.unique(key_hashes(list(bucket.processed_ids | bucket.removed))))
+            del bucket, found, inputs, stored_f, stored_r, lineage
+            release_free_heap()
+        hashes = np.concatenate(touched) if touched else np.zeros(0, np.uint64)
+        del touched
+        hashes.sort()
+        self._reexamine(plan, candidates, hashes)
         for spill in (plan.rows, plan.rejects, plan.feature_tombs, plan.reject_tombs, plan.removed_ids):
             spill.close()
+        release_free_heap()
         return plan
 
     def _content_duplicates(self, rows: pa.Table) -> pa.Table:
@@ -200,7 +207,7 @@ class Planner:
         """5: stored duplicates whose kept row this run touches are planned again."""
         for batch in candidates.batches():
             rows = batch.to_pylist()
-            hit = np.isin(key_hashes([r["kept_id"] for r in rows]), touched)
+            hit = in_sorted(key_hashes([r["kept_id"] for r in rows]), touched)
             redone = {r["kept_id"] for r, h in zip(rows, hit) if h}
             part = Plan([], [], {r["id"] for r in rows}, set(), set(), [])
             back = reexamine(part, rows, redone.__contains__)
