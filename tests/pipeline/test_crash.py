@@ -78,10 +78,15 @@ def test_killed_stage_actor_is_restarted_and_nothing_is_lost(data, tmp_path, ray
         planned.wait(timeout=120)       # the scan pass is over: kill a worker of the processing pass
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "MapWorker(MapBatches(StageChain))" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)   # the actor dies as on a node failure
-                    killed.append(proc.info["pid"])
+            # Only this test's Ray (started by this process): never another Ray's actor on the machine.
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    cmdline = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                if "MapWorker(MapBatches(StageChain))" in cmdline:
+                    os.kill(proc.pid, signal.SIGKILL)   # the actor dies as on a node failure
+                    killed.append(proc.pid)
                     return
             time.sleep(0.1)
 
