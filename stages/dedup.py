@@ -25,10 +25,10 @@ other is always rejected with the kept id; a rerun keeps what the store holds).
 The index keeps its rows in numpy arrays (``_Shard``), no Python object per row, and reads the
 stored signatures itself, streamed from the store. A store of more than ``rows_per_shard`` rows
 is spread by id hash over shard actors, one per ``rows_per_shard`` rows (0-CPU actors: their
-count follows the data, not the cluster's CPUs). The index actor then
-sends each block to every shard, takes the earliest match any shard reports, settles the block's
-rows among themselves, and only then registers its kept rows in their shards; blocks take turns
-through all of it, so two near duplicates in concurrent blocks are never both kept.
+count follows the data, not the cluster's CPUs). The index actor then sends each block to every
+shard, takes the earliest match any shard reports, settles the block's rows among themselves, and
+only then registers its kept rows in their shards; blocks take turns through all of it, so two
+near duplicates in concurrent blocks are never both kept.
 """
 from __future__ import annotations
 

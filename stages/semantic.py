@@ -17,8 +17,9 @@ bytes and FAISS's 8-bit scalar quantizer (a range per dimension) flipped more pa
 It is seeded from the stored originals' embeddings, streamed in record batches, in a named Ray
 actor that checks one block at a time, or in this process for runs in the driver. A store of more
 than ``rows_per_shard`` rows is spread over shard actors as SemDeDup spreads its work (one per
-``rows_per_shard`` rows, whatever the cluster's CPUs: memory sets the count): per compared modality, spherical k-means centroids fit on a sample of the
-stored vectors route each vector to the shard of its nearest centroid, and a row is looked up in
+``rows_per_shard`` rows, whatever the cluster's CPUs: memory sets the count): per compared
+modality, spherical k-means centroids fit on a sample of the stored vectors route each vector to
+the shard of its nearest centroid, and a row is looked up in
 its ``probe`` nearest shards and in any other about as near (``probe_margin``). The
 index actor takes each row's nearest candidates over those shards, checks the candidates' other
 modalities on whichever shard holds them, settles the block's rows among themselves, and only then
