@@ -19,7 +19,7 @@ from pipeline.incremental import Planner
 from pipeline.orchestration import Pipeline
 from pipeline.runner import new_run_id
 from pipeline.sources import iter_source_tables, source_size
-from pipeline.spill import key_hashes
+from pipeline.spill import in_sorted, key_hashes
 from stages.base import MODALITIES
 
 
@@ -40,7 +40,7 @@ def dry_run(cfg: Config) -> dict[str, Any]:
                                               + [np.zeros(0, np.uint64)]))
             changed, redo = 0, dict.fromkeys(MODALITIES, 0)
             for batch in plan.rows.batches(["id", "redo"]):
-                changed += int(np.isin(key_hashes(batch.column(0)), stored).sum())
+                changed += int(in_sorted(key_hashes(batch.column(0)), stored).sum())
                 for value in batch.column(1).to_pylist():
                     for m in (value or "").split(","):
                         if m in redo:
