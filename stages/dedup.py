@@ -87,7 +87,7 @@ class DedupParams(StageParams):
     num_perm: int = Field(128, ge=16)
     shingle: int = Field(3, ge=1)
     min_shingles: int = Field(5, ge=1)   # fewer shingles than this: the text only matches exactly
-    rows_per_shard: int = Field(2_000_000, ge=1)   # stored rows per index shard actor
+    rows_per_shard: int = Field(1_000_000, ge=1)   # stored rows per index shard actor
     shards: int = Field(0, ge=0)         # 0: ceil(stored rows / rows_per_shard)
 
     # How the index spreads over actors changes no verdict: left out of the stage fingerprint.
