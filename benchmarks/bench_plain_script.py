@@ -7,22 +7,33 @@ scan and plan, the actors' start-up, the shards, the Delta commits and shutting 
 pays for its imports (librosa's first calls compile with numba). Each size runs in ``--rounds``
 rounds that alternate which goes first; a ratio is taken within a round (the machine's speed drifts).
 
+With ``--kept-ray`` each round also runs ``mmpipe run --address`` against a Ray started once on
+this machine before the rounds (``ray start --head``, as README's "keep Ray up" says): the fixed
+cost without Ray's own start and stop.
+
 The second table splits mmpipe's wall time (its run record's profile): fixed cost is everything
 outside the stages' rows (start-up, waiting for Ray, the actors' start-up, drain, commit, record,
 shutdown, exit), scan and plan, and the rows. The third compares per-row costs: each of mmpipe's
 stages (CPU seconds in the actors) against the script's operation for the same modality.
 
-Run: .venv/bin/python benchmarks/bench_plain_script.py [--sizes 7200,30000] [--rounds 2]
+Run: .venv/bin/python benchmarks/bench_plain_script.py [--sizes 7200,30000] [--rounds 2] [--kept-ray]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -31,6 +42,7 @@ from common import ROOT, Report, demo_data, ratio, verdict, work_dir
 TARGETS = {7200: 1.5, 30000: 1.8}
 FIXED_TARGET = 4.0
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")
+RAY = str(Path(sys.executable).parent / "ray")
 PLAIN = ROOT / "benchmarks" / "plain_script.py"
 # mmpipe stages and the script's operation for the same modality (per-row cost table).
 SAME_WORK = {"image": ["cleanup.image", "features.image"], "audio": ["cleanup.audio", "features.audio"],
@@ -55,12 +67,13 @@ def plain_once(manifest: Path, work: Path) -> dict:
     return {"wall": wall, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def mmpipe_once(manifest: Path, work: Path) -> dict:
+def mmpipe_once(manifest: Path, work: Path, address: str = "") -> dict:
     store = work / "store"
     shutil.rmtree(store, ignore_errors=True)
     cfg = config_for(manifest, store, work / "config.yaml")
     start, epoch = time.perf_counter(), time.time()
-    subprocess.run([MMPIPE, "run", str(cfg)], check=True, capture_output=True, text=True, cwd=ROOT)
+    subprocess.run([MMPIPE, "run", str(cfg), *(["--address", address] if address else [])],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     record = json.loads(sorted((store / "runs").glob("*.json"))[-1].read_text())
     prof, phases = record["profile"], record["phases_s"]
@@ -70,17 +83,62 @@ def mmpipe_once(manifest: Path, work: Path) -> dict:
             "record": record}
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def kept_ray() -> Iterator[str]:
+    """A Ray head on this machine for the rounds (its own temp dir and process group, so that it is
+    stopped without ``ray stop``, which would stop every Ray here); yields its address."""
+    import ray
+
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="rk", dir="/tmp")   # short: Ray's socket paths
+    ip = ray.util.get_node_ip_address()
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={os.cpu_count()}",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(Path(temp).glob("session_*/sockets/raylet*")):   # the raylet is up
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start --head did not come up")
+            time.sleep(0.2)
+        time.sleep(2)
+        yield f"{ip}:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(20)
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:   # workers that left the group
+            with contextlib.suppress(OSError):
+                if temp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="7200,30000")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kept-ray", action="store_true", help="also run mmpipe against a Ray started once before the rounds")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    with kept_ray() if args.kept_ray else contextlib.nullcontext("") as address:
+        compare(sizes, args.rounds, address)
 
+
+def compare(sizes: list[int], rounds: int, address: str) -> None:
+    """The three tables; with ``address``, a kept Ray's runs beside the in-process ones."""
+
+    kept = ["mmpipe, Ray kept up (s)", "plain / kept"] if address else []
     timing = Report("mmpipe run vs a plain script, end to end (process start to exit)",
-                    ["rows", "round", "plain script (s)", "mmpipe run (s)", "plain / mmpipe"])
+                    ["rows", "round", "plain script (s)", "mmpipe run (s)", "plain / mmpipe", *kept])
     split = Report("Where mmpipe's wall time went (run record profile)",
-                   ["rows", "round", "fixed cost (s)", "process start -> first row in a stage (s)", "scan + plan (s)",
+                   ["rows", "round", "Ray", "fixed cost (s)", "process start -> first row in a stage (s)", "scan + plan (s)",
                     "rows: first in -> last out (s)"])
     per_row = Report("Per-row cost: mmpipe's stages (CPU in the actors) vs the script's same operation, ms per row",
                      ["rows", "modality", "plain script", "mmpipe stages", "mmpipe stages (each)"])
@@ -88,16 +146,23 @@ def main() -> None:
         manifest = demo_data(n)
         work = work_dir(f"plain-script-{n}")
         ratios = []
-        for k in range(1, args.rounds + 1):
-            order = [("plain", plain_once), ("mmpipe", mmpipe_once)]
+        for k in range(1, rounds + 1):
+            order = [("plain", partial(plain_once, manifest, work)), ("mmpipe", partial(mmpipe_once, manifest, work))]
+            if address:
+                order.append(("kept", partial(mmpipe_once, manifest, work, address)))
             if k % 2 == 0:
                 order.reverse()
-            got = {name: fn(manifest, work) for name, fn in order}
+            got = {name: fn() for name, fn in order}
             plain, mm = got["plain"], got["mmpipe"]
             ratios.append(ratio(plain["wall"], mm["wall"]))
-            timing.add(n, k, plain["wall"], mm["wall"], f"{ratios[-1]:.2f}x")
-            split.add(n, k, mm["fixed"], mm["start_to_first_row"], mm["scan_plan"], mm["rows"])
-            print(f"{n} rows, round {k}: plain {plain['wall']:.1f} s, mmpipe {mm['wall']:.1f} s", file=sys.stderr, flush=True)
+            extra = [got["kept"]["wall"], f"{ratio(plain['wall'], got['kept']['wall']):.2f}x"] if address else []
+            timing.add(n, k, plain["wall"], mm["wall"], f"{ratios[-1]:.2f}x", *extra)
+            for name, run in got.items():
+                if name != "plain":
+                    split.add(n, k, "kept up" if name == "kept" else "in-process", run["fixed"], run["start_to_first_row"],
+                              run["scan_plan"], run["rows"])
+            print(f"{n} rows, round {k}: " + ", ".join(f"{name} {run['wall']:.1f} s" for name, run in got.items()),
+                  file=sys.stderr, flush=True)
         stages = mm["record"]["stages"]
         rows = plain["rows"]
         for modality, names in SAME_WORK.items():
@@ -111,8 +176,11 @@ def main() -> None:
         best = sorted(ratios)[len(ratios) // 2]
         if n in TARGETS:
             timing.note(f"{n} rows: median plain / mmpipe {best:.2f}x, {verdict(best, TARGETS[n])}")
-    fixed = [row[2] for row in split.rows]
-    split.note(f"fixed cost, smallest {min(fixed):.2f} s: {verdict(min(fixed), FIXED_TARGET, higher_is_better=False)}")
+    for how in ("in-process", "kept up"):
+        fixed = [row[3] for row in split.rows if row[2] == how]
+        if fixed:
+            split.note(f"fixed cost, Ray {how}, smallest {min(fixed):.2f} s: "
+                       f"{verdict(min(fixed), FIXED_TARGET, higher_is_better=False)}")
     for report in (timing, split, per_row):
         report.print()
 
