@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,8 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
+
+REWRITE_THREADS = min(8, os.cpu_count() or 1)   # a commit's copy-on-write rewrites run side by side
 
 
 class StoreBusy(RuntimeError):
@@ -215,9 +218,8 @@ class Store:
         if dt is not None and delete is not None and len(delete):
             now = int(time.time() * 1000)
             actions = dt.get_add_actions(flatten=True)
-            for path, size in zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()):
-                if files.rewrite_without(path, delete):
-                    removes.append(RemoveAction(path, True, now, size))
+            sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()))
+            removes = [RemoveAction(path, True, now, sizes[path]) for path in files.rewrite_all(list(sizes), delete)]
         adds = files.close()
         if not adds and not removes:
             return None
@@ -333,8 +335,9 @@ class DataFiles:
     GROUP_ROWS = 2048   # feature rows are kilobytes each: row groups of tens of MB at most
     PREFIX = "part-mmpipe-"
 
-    def __init__(self, store: Store, which: str, run_id: str):
+    def __init__(self, store: Store, which: str, run_id: str, part: str = ""):
         self.store, self.which, self.run_id = store, which, run_id
+        self.part = part   # a writer beside others of the same run: its files' names carry it
         self.schema = FEATURES_SCHEMA if which == "features" else REJECTS_SCHEMA
         self.adds: list = []
         self._groups = RowGroups(self.schema, self.GROUP_ROWS)
@@ -357,7 +360,7 @@ class DataFiles:
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            self._name = f"{self.PREFIX}{self.run_id}-{len(self.adds):05d}.parquet"
+            self._name = f"{self.PREFIX}{self.run_id}-{self.part}{len(self.adds):05d}.parquet"
             path = self.store.path_of(self.which, self._name)
             self.store.fs.create_dir(self.store.path_of(self.which), recursive=True)
             self._writer = pq.ParquetWriter(self.store.fs.open_output_stream(path), self.schema, compression="snappy")
@@ -384,6 +387,21 @@ class DataFiles:
             self._write_group(group)
         self._finish_file()
         return self.adds
+
+    def rewrite_all(self, paths: list[str], delete: pa.Array) -> list[str]:
+        """``rewrite_without`` for each stored file in ``paths``, on up to REWRITE_THREADS threads
+        (Arrow reads, filters and writes Parquet without holding the GIL), each thread writing its
+        own files of this run; returns the paths rewritten (the caller removes them)."""
+        threads = max(1, min(REWRITE_THREADS, len(paths)))
+        if threads == 1:
+            return [path for path in paths if self.rewrite_without(path, delete)]
+        writers = [DataFiles(self.store, self.which, self.run_id, part=f"{self.part}w{k}.") for k in range(threads)]
+        with ThreadPoolExecutor(threads, thread_name_prefix="rewrite") as pool:
+            done = list(pool.map(lambda k: [p for p in paths[k::threads] if writers[k].rewrite_without(p, delete)],
+                                 range(threads)))
+        for writer in writers:
+            self.adds += writer.close()
+        return [path for part in done for path in part]
 
     def rewrite_without(self, path: str, delete: pa.Array) -> bool:
         """If the stored file ``path`` holds a key in ``delete``, write its other rows into this

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import SourceConfig
+import core.store
 from core.schema import FEATURES_SCHEMA
 from core.store import DataFiles, Store, row_keys
 from pipeline.sources import SourceError, iter_source, read_source, source_size
@@ -35,9 +36,11 @@ def _commit(store: Store, table: pa.Table, run: str, delete: list[str] = ()) -> 
     return store.commit("features", files, pa.array(list(delete), pa.string()), run)
 
 
-def test_commit_rewrites_only_the_files_holding_deleted_keys(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_commit_rewrites_only_the_files_holding_deleted_keys(tmp_path, monkeypatch, threads):
     monkeypatch.setattr(DataFiles, "FILE_ROWS", 10)
     monkeypatch.setattr(DataFiles, "GROUP_ROWS", 5)
+    monkeypatch.setattr(core.store, "REWRITE_THREADS", threads)
     store = Store(str(tmp_path / "s"))
     assert _commit(store, _rows(30, "run-a"), "run-a") == 0
     first = set(store.table(store.features_uri).file_uris())
@@ -51,8 +54,32 @@ def test_commit_rewrites_only_the_files_holding_deleted_keys(tmp_path, monkeypat
     assert {r["id"]: r["run_id"] for r in t.to_pylist()}["r3"] == "run-b"
     after = set(store.table(store.features_uri).file_uris())
     assert len(first & after) == 1, "the file holding none of the keys (r10..r19) is kept as it is"
+    assert {DataFiles.run_of(Path(u).name) for u in after - first} == {"run-b"}   # recover() knows whose they are
     assert store.read("features", version=0).num_rows == 30   # time travel
     assert _commit(store, _rows(0, "run-c"), "run-c") is None   # nothing to do: no new version
+
+
+def test_a_failed_rewrite_fails_the_commit_and_leaves_files_recover_removes(tmp_path, monkeypatch):
+    monkeypatch.setattr(DataFiles, "FILE_ROWS", 10)
+    monkeypatch.setattr(DataFiles, "GROUP_ROWS", 5)
+    monkeypatch.setattr(core.store, "REWRITE_THREADS", 3)
+    store = Store(str(tmp_path / "s"))
+    _commit(store, _rows(30, "run-a"), "run-a")
+    assert len(store.table(store.features_uri).file_uris()) == 3
+    store.write_text("runs/run-a.json", json.dumps({"run_id": "run-a", "started": "1"}))
+    real = DataFiles.rewrite_without
+
+    def flaky(self, path, delete):
+        if "00001" in path:
+            raise OSError("disk gone")
+        return real(self, path, delete)
+
+    monkeypatch.setattr(DataFiles, "rewrite_without", flaky)
+    with pytest.raises(OSError, match="disk gone"):
+        _commit(store, _rows(1, "run-b", 3), "run-b", delete=[f"r{i}\t0" for i in (3, 13, 23)])
+    assert store.table(store.features_uri).version() == 0 and store.read("features").num_rows == 30
+    store.recover()
+    assert not any("run-b" in p.name for p in (tmp_path / "s" / "features").glob("*.parquet"))
 
 
 def test_recover_removes_the_data_files_of_a_run_that_never_committed(tmp_path):
