@@ -83,17 +83,27 @@ def mfcc(mel_db: np.ndarray, n_mfcc: int) -> np.ndarray:
     return scipy.fft.dct(mel_db, axis=0, type=2, norm="ortho")[:n_mfcc]
 
 
+@functools.cache
+def _frequency_moments(sample_rate: int, n_fft: int) -> np.ndarray:
+    """(2, 1 + n_fft // 2): each bin's frequency and its square, for a spectrum's first two moments."""
+    freqs = fft_frequencies(sample_rate, n_fft)
+    return np.stack([freqs, freqs * freqs])
+
+
 def spectral_stats(mag: np.ndarray, wave: np.ndarray, sample_rate: int, n_fft: int,
-                   hop_length: int) -> np.ndarray:
-    """(6, n_frames): centroid, bandwidth and 85 % roll-off (Hz), flatness, zero-crossing rate, RMS."""
-    freqs = fft_frequencies(sample_rate, n_fft)[:, None]
-    total = mag.sum(axis=0, keepdims=True)
-    weights = mag / np.where(total > np.finfo(np.float32).tiny, total, 1.0)
-    centroid = (freqs * weights).sum(axis=0)
-    bandwidth = np.sqrt((weights * (freqs - centroid) ** 2).sum(axis=0))
-    energy = np.cumsum(mag, axis=0)
-    rolloff = freqs[np.argmax(energy >= 0.85 * energy[-1], axis=0), 0]   # the lowest bin reaching 85 %
-    power = np.maximum(1e-10, mag ** 2)
+                   hop_length: int, power: np.ndarray | None = None) -> np.ndarray:
+    """(6, n_frames): centroid, bandwidth and 85 % roll-off (Hz), flatness, zero-crossing rate, RMS.
+    ``power``: ``mag ** 2`` where the caller has it. Centroid and bandwidth come from the spectrum's
+    first two moments (one small matrix product), not from a weights array per frame."""
+    total = mag.sum(axis=0, dtype=np.float64)
+    scale = np.where(total > np.finfo(np.float32).tiny, total, 1.0)
+    first, second = (_frequency_moments(sample_rate, n_fft) @ mag.astype(np.float64)) / scale
+    share = total / scale   # 1, or a silent frame's (tiny) sum
+    centroid = first
+    bandwidth = np.sqrt(np.maximum(second - 2.0 * centroid * first + centroid * centroid * share, 0.0))
+    energy = np.cumsum(mag.T, axis=1)   # bins along rows: contiguous for magnitude()'s transposed view
+    rolloff = fft_frequencies(sample_rate, n_fft)[np.argmax(energy >= 0.85 * energy[:, -1:], axis=1)]   # lowest bin reaching 85 %
+    power = np.maximum(mag * mag if power is None else power, np.float32(1e-10))
     flatness = np.exp(np.mean(np.log(power), axis=0)) / np.mean(power, axis=0)
     return np.vstack([centroid, bandwidth, rolloff, flatness,
                       zero_crossing_rate(wave, n_fft, hop_length), rms_from_magnitude(mag, n_fft)])
@@ -102,12 +112,11 @@ def spectral_stats(mag: np.ndarray, wave: np.ndarray, sample_rate: int, n_fft: i
 def zero_crossing_rate(wave: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
     """Sign changes per sample in each centred frame (edge padding; |x| <= 1e-10 counts as 0, positive).
     The changes are found once over the padded wave and counted per frame from their running sum."""
-    padded = np.pad(wave, frame_length // 2, mode="edge")
-    if len(padded) < frame_length:
-        padded = np.pad(padded, (0, frame_length - len(padded)))
-    signs = np.signbit(np.where(np.abs(padded) <= 1e-10, 0.0, padded))
-    changes = np.concatenate([[0], np.cumsum(signs[1:] != signs[:-1])])
-    starts = np.arange(0, len(padded) - frame_length + 1, hop_length)
+    negative = np.pad(np.asarray(wave) < -1e-10, frame_length // 2, mode="edge")
+    if len(negative) < frame_length:
+        negative = np.pad(negative, (0, frame_length - len(negative)))
+    changes = np.concatenate([[0], np.cumsum(negative[1:] != negative[:-1], dtype=np.int32)])
+    starts = np.arange(0, len(negative) - frame_length + 1, hop_length)
     return (changes[starts + frame_length - 1] - changes[starts]) / frame_length
 
 

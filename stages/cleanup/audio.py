@@ -87,41 +87,45 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {_OBJECT_REPR.sub('<bytes>', str(exc))}"
 
 
-def read_frames(data: bytes, limit: int) -> np.ndarray:
-    """At most ``limit`` frames as float32 (frames x channels), READ_FRAMES at a time, checking the
-    sample's deadline between reads."""
+def read_frames(f: sf.SoundFile, limit: int) -> np.ndarray:
+    """At most ``limit`` frames of an open file as float32 (frames x channels), READ_FRAMES at a
+    time, checking the sample's deadline between reads."""
     parts = []
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            while limit > 0:
-                part = f.read(min(READ_FRAMES, limit), dtype="float32", always_2d=True)
-                if part.shape[0] == 0:
-                    break
-                parts.append(part)
-                limit -= part.shape[0]
-                check_deadline()
-    except DECODE_ERRORS as exc:
-        raise Reject("audio_corrupt", _why(exc)) from None
+    while limit > 0:
+        want = min(READ_FRAMES, limit)
+        part = f.read(want, dtype="float32", always_2d=True)
+        if part.shape[0]:
+            parts.append(part)
+        limit -= part.shape[0]
+        check_deadline()
+        if part.shape[0] < want:   # the end of the stream
+            break
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
 
 
-def decode(data: bytes, p: AudioParams) -> Decoded:
-    """Read the header first (duration, rate, channels), then decode at most max_duration_s."""
-    try:
-        info = sf.info(io.BytesIO(data))
-    except DECODE_ERRORS as exc:
-        raise Reject("audio_corrupt", _why(exc)) from None
-    sr, channels = int(info.samplerate), int(info.channels)
+def check_header(sr: int, channels: int, frames: int, p: AudioParams) -> None:
+    """Reject a header that cannot be a recording, or says the clip is too long or too large."""
     if not PLAUSIBLE_RATES[0] <= sr <= PLAUSIBLE_RATES[1] or not 1 <= channels <= p.max_channels:
         raise Reject("audio_corrupt", f"implausible header: {sr} Hz, {channels} channels")
-    if 0 < info.frames < UNKNOWN_LENGTH and info.frames / sr > p.max_duration_s:
-        raise Reject("audio_too_long", f"header duration {info.frames / sr:.1f} s > max_duration_s {p.max_duration_s}")
-    if 0 < info.frames < UNKNOWN_LENGTH and info.frames * channels > p.max_samples:
-        raise Reject("audio_too_large_samples", f"header: {info.frames} frames x {channels} channels "
+    if 0 < frames < UNKNOWN_LENGTH and frames / sr > p.max_duration_s:
+        raise Reject("audio_too_long", f"header duration {frames / sr:.1f} s > max_duration_s {p.max_duration_s}")
+    if 0 < frames < UNKNOWN_LENGTH and frames * channels > p.max_samples:
+        raise Reject("audio_too_large_samples", f"header: {frames} frames x {channels} channels "
                                                 f"> max_samples {p.max_samples}")
-    # Headers can lie (mp3, damaged wav): bound the read by duration and decoded size anyway.
-    limit = min(int(p.max_duration_s * sr) + 1, p.max_samples // channels + 1)
-    wave = read_frames(data, limit)
+
+
+def decode(data: bytes, p: AudioParams) -> Decoded:
+    """Open the bytes once: check the header (duration, rate, channels), then decode at most
+    max_duration_s from the same handle."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, channels, src_format = int(f.samplerate), int(f.channels), str(f.format)
+            check_header(sr, channels, int(f.frames), p)
+            # Headers can lie (mp3, damaged wav): bound the read by duration and decoded size anyway.
+            limit = min(int(p.max_duration_s * sr) + 1, p.max_samples // channels + 1)
+            wave = read_frames(f, limit)
+    except DECODE_ERRORS as exc:
+        raise Reject("audio_corrupt", _why(exc)) from None
     if wave.shape[0] >= limit and wave.shape[0] * channels > p.max_samples:
         raise Reject("audio_too_large_samples", f"more than max_samples {p.max_samples} decoded samples")
     if wave.shape[0] == 0:
@@ -132,7 +136,7 @@ def decode(data: bytes, p: AudioParams) -> Decoded:
         raise Reject("audio_corrupt", f"samples beyond {MAX_FLOAT_PEAK}x full scale (damaged float data)")
     if wave.shape[0] >= limit:
         raise Reject("audio_too_long", f"more than max_duration_s {p.max_duration_s} s of samples")
-    return Decoded(wave.mean(axis=1), sr, channels, str(info.format))
+    return Decoded(wave.mean(axis=1), sr, channels, src_format)
 
 
 @register_stage

@@ -85,9 +85,10 @@ class LogMelAudioEncoder(Encoder):
     def _blocks(self, wave: np.ndarray) -> list[np.ndarray]:
         p = self.params
         mag = dsp.magnitude(wave, p.n_fft, p.hop_length)
-        mel_db = dsp.power_to_db(dsp.mel_filterbank(p.sample_rate, p.n_fft, p.n_mels) @ mag ** 2, top_db=80.0)
+        power = mag * mag
+        mel_db = dsp.power_to_db(dsp.mel_filterbank(p.sample_rate, p.n_fft, p.n_mels) @ power, top_db=80.0)
         mfcc = dsp.mfcc(mel_db, p.n_mfcc)
-        spectral = dsp.spectral_stats(mag, wave, p.sample_rate, p.n_fft, p.hop_length)
+        spectral = dsp.spectral_stats(mag, wave, p.sample_rate, p.n_fft, p.hop_length, power)
         spectral[:3] /= p.sample_rate / 2   # centroid, bandwidth, roll-off as fractions of Nyquist
         # dB / 10 keeps the mel and MFCC blocks in a range comparable to the spectral ratios.
         return [mel_db / 10.0, mfcc / 10.0, spectral]
