@@ -49,6 +49,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import mmh3
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from PIL import Image
 from pydantic import Field, field_validator
@@ -65,6 +66,7 @@ MINHASH_SCHEME = "affine32"    # datasketch >= 2 needs the scheme to rebuild a M
 WORD = re.compile(r"\w+")
 RUN_SEQ = 1 << 40              # this run's rows register after every stored row (those: their scan position)
 SEED_CHUNK = 8192              # stored signatures parsed and added at a time
+SAVE_FORMAT = 2                # a saved shard's layout (2: murmur3 id hashes, rows keyed by id and version)
 COMPACT_MIN = 1 << 16          # replaced or removed rows a shard carries before it compacts
 QUERY_GROUP = 128              # rows of a block matched at a time
 VIDEO_HASHES = 4               # frames of a clip (evenly spread) whose perceptual hashes are its near-dup key
@@ -214,7 +216,9 @@ _KEYS = ("sample", *MODALITIES)
 
 
 def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    """A row id's 64-bit hash: the shard that holds the row, and the by-id index's key (murmur3:
+    every shard hashes every stored id while it seeds, so this is on a per-row path)."""
+    return mmh3.hash64(text, signed=False)[0]
 
 
 def _hash128(value: str) -> tuple[int, int]:
@@ -589,9 +593,9 @@ def _chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _row_keys(ids: Iterable[str], texts: Iterable[str]) -> np.ndarray:
-    """(n, 2) uint64: a 128-bit hash of each stored row's id and signature, to tell a saved row still stored."""
-    return np.array([mmh3.hash64(f"{i}\0{t}", signed=False) for i, t in zip(ids, texts)], np.uint64).reshape(-1, 2)
+def _row_keys(ids: Iterable[str], versions: Iterable[str]) -> np.ndarray:
+    """(n, 2) uint64: a 128-bit hash of each stored row's id and version, to tell a saved row still stored."""
+    return np.array([mmh3.hash64(f"{i}\0{v}", signed=False) for i, v in zip(ids, versions)], np.uint64).reshape(-1, 2)
 
 
 def _flatten(value: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
@@ -724,20 +728,20 @@ class _Shard:
                 column.trim()
         return self.size()
 
-    def _seed_rows(self, rows: Iterable[tuple[int, str, str]], base: int) -> None:
-        """Parse and add stored rows (scan position, id, signature), as seq ``base + position``."""
+    def _seed_rows(self, rows: Iterable[tuple[int, str, str, str]], base: int) -> None:
+        """Parse and add stored rows (scan position, id, signature, version), as seq ``base + position``."""
         for chunk in _chunks(rows, SEED_CHUNK):
             self._seed_chunk(chunk, base)
 
-    def _seed_chunk(self, rows: list[tuple[int, str, str]], base: int = 0) -> None:
+    def _seed_chunk(self, rows: list[tuple[int, str, str, str]], base: int = 0) -> None:
         if rows:
-            seqs, ids, texts = zip(*rows)
+            seqs, ids, texts, versions = zip(*rows)
             block = _Block.parse(list(ids), list(texts), self.params.num_perm)
             self._append(block, np.arange(len(rows)), base + np.array(seqs, np.int64), wait=True,
-                         keys=_row_keys(ids, texts))
+                         keys=_row_keys(ids, versions))
 
     def _refresh(self, source: "StoredSignatures") -> None:
-        """A restored shard brought up to date with the store: its rows whose (id, signature) is
+        """A restored shard brought up to date with the store: its rows whose (id, version) is
         still stored stay, the others die; stored rows it lacks are parsed and added after it."""
         alive = np.flatnonzero(self.alive.data)
         held = self.key.data[alive]
@@ -746,13 +750,15 @@ class _Shard:
         first = np.ascontiguousarray(held[:, 0])
         seen = np.zeros(len(alive), bool)
         base = int(self.seq.data[alive].max()) + 1 if len(alive) else 0
-        missing: list[tuple[int, str, str]] = []
-        for chunk in _chunks(source.rows(self.owns), SEED_CHUNK):
-            keys = _row_keys([i for _, i, _ in chunk], [t for _, _, t in chunk])
+        missing: list[tuple[int, str, str, str]] = []
+        for positions, ids, versions, sigs in source.owned(self.owns):
+            keys = _row_keys(ids, versions)
             at = np.minimum(np.searchsorted(first, keys[:, 0]), max(len(held) - 1, 0))
             hit = (held[at] == keys).all(axis=1) if len(held) else np.zeros(len(keys), bool)
             seen[order[at[hit]]] = True   # (a 64-bit collision only costs a row parsed again)
-            missing.extend(row for row, h in zip(chunk, hit) if not h)
+            lack = np.flatnonzero(~hit)
+            texts = sigs.take(pa.array(lack, pa.int64())).to_pylist()
+            missing.extend((positions[k], ids[k], text, versions[k]) for k, text in zip(lack.tolist(), texts))
             if len(missing) >= SEED_CHUNK:
                 self._seed_chunk(missing, base)
                 missing.clear()
@@ -777,7 +783,7 @@ class _Shard:
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
         with open(os.path.join(tmp, "outline.json"), "w") as f:
-            json.dump({"format": 1, "params": self.params.model_dump(mode="json"), "state": state}, f)
+            json.dump({"format": SAVE_FORMAT, "params": self.params.model_dump(mode="json"), "state": state}, f)
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
             os.replace(path, old)
@@ -789,7 +795,7 @@ class _Shard:
         try:
             with open(os.path.join(path, "outline.json")) as f:
                 meta = json.load(f)
-            if meta.get("format") != 1 or meta.get("params") != self.params.model_dump(mode="json"):
+            if meta.get("format") != SAVE_FORMAT or meta.get("params") != self.params.model_dump(mode="json"):
                 return False
             state = {k: _unflatten(v, _SavedArrays(path)) for k, v in meta["state"].items()}
         except (OSError, ValueError, KeyError, TypeError, EOFError):   # absent, partial, from another version
@@ -990,27 +996,42 @@ class StoredSignatures:
     removed: frozenset[str] = frozenset()
     pairs: tuple[tuple[str, str], ...] = ()     # (id, dedup_sig)
     incoming: int = 0                           # rows the run will check (they grow the index too)
+    # A stored column that changes whenever a row's signature may ("run_id": the run that wrote the
+    # row, kept when a commit copies it into a new file); "": the signature is its own version.
+    version: str = ""
 
     def count(self) -> int:
         """Stored rows, counted without reading their signatures."""
         return len(self.pairs) + (sum(b.num_rows for b in self.stored([])) if self.stored is not None else 0)
 
-    def rows(self, owns: Callable[[str], bool] | None = None) -> Iterator[tuple[int, str, str]]:
-        """(scan position, id, signature) of each row that has a signature and is not removed (and ``owns`` takes)."""
+    def rows(self, owns: Callable[[str], bool] | None = None) -> Iterator[tuple[int, str, str, str]]:
+        """(scan position, id, signature, version) of each row that has a signature and is not
+        removed (and ``owns`` takes)."""
+        for positions, ids, versions, sigs in self.owned(owns):
+            yield from zip(positions, ids, sigs.to_pylist(), versions)
+
+    def owned(self, owns: Callable[[str], bool] | None = None) -> Iterator[tuple[list[int], list[str], list[str], pa.Array]]:
+        """Per stored batch, its rows that have a signature, are not removed and that ``owns`` takes:
+        their scan positions, ids, versions (what tells a held row still stored: the ``version``
+        column, else the signature itself) and signatures, these left in Arrow (a refresh reads into
+        Python only those of the rows it does not hold)."""
         position = 0
-        for ids, sigs in self._batches():
-            keep = [k for k, row_id in enumerate(ids) if row_id not in self.removed and (owns is None or owns(row_id))]
-            for k, sig in zip(keep, sigs.take(pa.array(keep, pa.int64())).to_pylist()):
-                if sig:   # rows stored while dedup was off carry no signature
-                    yield position + k, ids[k], sig
+        for ids, versions, sigs in self._batches():
+            signed = pc.fill_null(pc.greater(pc.binary_length(sigs), 0), False).to_pylist()   # stored while dedup was off: none
+            keep = [k for k, row_id in enumerate(ids)
+                    if signed[k] and row_id not in self.removed and (owns is None or owns(row_id))]
+            vers = sigs.take(pa.array(keep, pa.int64())).to_pylist() if versions is None else [versions[k] for k in keep]
+            yield [position + k for k in keep], [ids[k] for k in keep], vers, sigs.take(pa.array(keep, pa.int64()))
             position += len(ids)
 
-    def _batches(self) -> Iterator[tuple[list[str], pa.Array]]:
+    def _batches(self) -> Iterator[tuple[list[str], list[str] | None, pa.Array]]:
         if self.pairs:
-            yield [i for i, _ in self.pairs], pa.array([s for _, s in self.pairs], pa.string())
+            yield [i for i, _ in self.pairs], None, pa.array([s for _, s in self.pairs], pa.string())
         if self.stored is not None:
-            for batch in self.stored(["id", SIG]):
-                yield batch.column(0).to_pylist(), batch.column(1)
+            columns = ["id", *([self.version] if self.version else []), SIG]
+            for batch in self.stored(columns):
+                versions = batch.column(1).to_pylist() if self.version else None
+                yield batch.column(0).to_pylist(), versions, batch.column(len(columns) - 1)
 
 
 Existing = StoredSignatures | Iterable[tuple[str, str]]
@@ -1263,7 +1284,7 @@ class Dedup(Stage):
     def open_run(cls, scope: RunScope) -> None:
         """Hand the index where to read the stored signatures: it reads them itself."""
         name = index_name(scope.run_id)
-        stored = StoredSignatures(scope.stored, scope.removed, incoming=scope.incoming)
+        stored = StoredSignatures(scope.stored, scope.removed, incoming=scope.incoming, version="run_id")
         # The index actor of a store saves itself at the end of a run and starts from that the next
         # time, parsing only the stored rows it does not hold (an in-process index is small: no).
         snapshots = os.path.join(scope.cache_dir, "dedup") if scope.cache_dir and scope.stored else ""

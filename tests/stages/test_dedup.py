@@ -381,7 +381,7 @@ def test_seeding_streams_stored_batches_and_skips_removed_ids():
             for k, i in enumerate(["s1", "gone", "s2", "no-sig", "s3"], start=20)}
     stored, asked = stored_batches([(i, "" if i == "no-sig" else s.to_json()) for i, s in sigs.items()])
     source = StoredSignatures(stored, removed=frozenset({"gone"}))
-    assert [(pos, i) for pos, i, _ in source.rows()] == [(0, "s1"), (2, "s2"), (4, "s3")]
+    assert [(pos, i) for pos, i, *_ in source.rows()] == [(0, "s1"), (2, "s2"), (4, "s3")]
     assert source.count() == 5
     index = DedupIndex(p, source)
     assert index.size() == 3 and asked == [["id", "dedup_sig"], [], ["id", "dedup_sig"]]
@@ -473,6 +473,37 @@ def test_a_saved_index_is_used_only_by_the_same_params_and_when_readable(tmp_pat
     assert not dedup._Shard(p)._restore(str(snapshot))
     index = DedupIndex(p, existing, str(snapshot))                                # seeded from the store
     assert index.size() == DedupIndex(p, existing).size()
+
+
+def test_a_refresh_keyed_by_version_parses_only_the_rows_written_since(tmp_path, monkeypatch):
+    """With the stored ``run_id`` as each row's version, a saved shard holds a row while its (id,
+    run id) is stored: a row written by a later run is parsed again, a removed one dies, and the
+    rows copied as they were are not parsed."""
+    import pyarrow as pa
+
+    p = DedupParams()
+    sig = {k: signature_of(f"r{k}", {"image": None, "text": paragraph(k), "audio": None}, p).to_json() for k in range(12)}
+
+    def store_of(rows: list[tuple[str, str, str]]) -> StoredSignatures:
+        table = pa.table({"id": [i for i, _, _ in rows], "run_id": [r for _, r, _ in rows],
+                          "dedup_sig": [t for _, _, t in rows], "other": [0] * len(rows)})
+        return StoredSignatures(lambda columns: table.select(columns).to_batches(max_chunksize=4), version="run_id")
+
+    snapshot = str(tmp_path / "shard-0-of-1")
+    DedupIndex(p, store_of([(f"r{k}", "run-a", sig[k]) for k in range(10)]), snapshot)._shard.save(snapshot)
+    # run-b: r3 now holds r10's text, r4 written again (same text), r5 removed, r11 added; the
+    # other rows copied as they were
+    after = store_of([(f"r{k}", "run-a", sig[k]) for k in (0, 1, 2, 6, 7, 8, 9)]
+                     + [("r3", "run-b", sig[10]), ("r4", "run-b", sig[4]), ("r11", "run-b", sig[11])])
+    parsed = []
+    parse = dedup._Block.parse
+    monkeypatch.setattr(dedup._Block, "parse", classmethod(lambda cls, ids, texts, n: parsed.extend(ids) or parse(ids, texts, n)))
+    restored = DedupIndex(p, after, snapshot)
+    assert sorted(parsed) == ["r11", "r3", "r4"]   # by run id: r4's signature is not even compared
+    fresh = DedupIndex(p, after)
+    assert restored.size() == fresh.size() == 10
+    probes = [signature_of(f"new-{k}", {"image": None, "text": paragraph(k), "audio": None}, p) for k in (3, 5, 10, 11)]
+    assert restored.check(probes) == fresh.check(probes) == [None, None, "r3", "r11"]
 
 
 # -- through a real Ray actor (kept last: Ray stays up for the rest of the module) ----------
