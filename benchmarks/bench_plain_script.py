@@ -7,9 +7,9 @@ scan and plan, the actors' start-up, the shards, the Delta commits and shutting 
 pays for its imports (librosa's first calls compile with numba). Each size runs in ``--rounds``
 rounds that alternate which goes first; a ratio is taken within a round (the machine's speed drifts).
 
-With ``--kept-ray`` each round also runs ``mmpipe run --address`` against a Ray started once on
-this machine before the rounds (``ray start --head``, as README's "keep Ray up" says): the fixed
-cost without Ray's own start and stop.
+With ``--kept-ray`` each round also runs ``mmpipe run --address`` against a Ray started on this
+machine just before it (``ray start --head``, as README's "keep Ray up" says) and stopped after it:
+the fixed cost without Ray's own start and stop.
 
 The second table splits mmpipe's wall time (its run record's profile): fixed cost is everything
 outside the stages' rows (start-up, waiting for Ray, the actors' start-up, drain, commit, record,
@@ -124,17 +124,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="7200,30000")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--kept-ray", action="store_true", help="also run mmpipe against a Ray started once before the rounds")
+    ap.add_argument("--kept-ray", action="store_true", help="also run mmpipe against a Ray started before the run")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    with kept_ray() if args.kept_ray else contextlib.nullcontext("") as address:
-        compare(sizes, args.rounds, address)
+    compare([int(s) for s in args.sizes.split(",")], args.rounds, args.kept_ray)
 
 
-def compare(sizes: list[int], rounds: int, address: str) -> None:
-    """The three tables; with ``address``, a kept Ray's runs beside the in-process ones."""
+def kept_once(manifest: Path, work: Path) -> dict:
+    """``mmpipe run --address`` against a Ray started for it (before the clock starts) and stopped
+    after it: no Ray of this benchmark's is up beside the plain script or the in-process runs
+    (one idle beside them made an in-process run ~3 s slower to its first row)."""
+    with kept_ray() as address:
+        return mmpipe_once(manifest, work, address)
 
-    kept = ["mmpipe, Ray kept up (s)", "plain / kept"] if address else []
+
+def compare(sizes: list[int], rounds: int, with_kept: bool) -> None:
+    """The three tables; ``with_kept``: runs against a Ray kept up beside the in-process ones."""
+
+    kept = ["mmpipe, Ray kept up (s)", "plain / kept"] if with_kept else []
     timing = Report("mmpipe run vs a plain script, end to end (process start to exit)",
                     ["rows", "round", "plain script (s)", "mmpipe run (s)", "plain / mmpipe", *kept])
     split = Report("Where mmpipe's wall time went (run record profile)",
@@ -148,14 +154,14 @@ def compare(sizes: list[int], rounds: int, address: str) -> None:
         ratios = []
         for k in range(1, rounds + 1):
             order = [("plain", partial(plain_once, manifest, work)), ("mmpipe", partial(mmpipe_once, manifest, work))]
-            if address:
-                order.append(("kept", partial(mmpipe_once, manifest, work, address)))
+            if with_kept:
+                order.append(("kept", partial(kept_once, manifest, work)))
             if k % 2 == 0:
                 order.reverse()
             got = {name: fn() for name, fn in order}
             plain, mm = got["plain"], got["mmpipe"]
             ratios.append(ratio(plain["wall"], mm["wall"]))
-            extra = [got["kept"]["wall"], f"{ratio(plain['wall'], got['kept']['wall']):.2f}x"] if address else []
+            extra = [got["kept"]["wall"], f"{ratio(plain['wall'], got['kept']['wall']):.2f}x"] if with_kept else []
             timing.add(n, k, plain["wall"], mm["wall"], f"{ratios[-1]:.2f}x", *extra)
             for name, run in got.items():
                 if name != "plain":
