@@ -4,7 +4,8 @@ For each size, on a fresh store, four fresh ``mmpipe`` processes: (1) a full run
 (3) a rerun with 1 % of the manifest's texts changed, (4) ``mmpipe train`` (few epochs). For each:
 wall time, rows/s, the run record's phases and counts, and the peak RSS of the driver and of every
 other process in its tree (Ray GCS, raylet, workers, actors: read from /proc every ``--interval``
-seconds). A step past ``--timeout`` seconds, or whose tree's summed RSS passes ``--rss-cap-gb``, is
+seconds), and each other process's peak of private memory (RSS counts the object-store pages a Ray
+worker has touched, which the store holds once for all). A step past ``--timeout`` seconds, or whose tree's summed RSS passes ``--rss-cap-gb``, is
 killed (the whole tree) and reported as such. After each run the accounting is checked by counts:
 features (aug = 0) + rejects = input ids.
 
@@ -43,7 +44,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MMPIPE = str(Path(sys.executable).parent / "mmpipe")
 LABELS = ("animal", "city", "music", "sport")
 STEPS = ("full", "noop", "changed", "train")
-TARGETS = {"rows_per_s_ratio": 0.9, "driver_peak_gb": 1.5, "other_peak_gb": 2.0, "noop_s": 20.0,
+TARGETS = {"rows_per_s_ratio": 0.9, "driver_peak_gb": 1.5, "other_peak_gb": 2.0, "other_private_gb": 2.0, "noop_s": 20.0,
            "changed_over_full": 0.05, "train_driver_peak_gb": 2.0}
 
 
@@ -126,6 +127,17 @@ def _rss(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
+def _private(pid: int) -> int:
+    """Memory only this process maps (Private_Clean + Private_Dirty of smaps_rollup): not the
+    libraries it shares, nor the pages of Ray's object store it has read or written, which RSS counts
+    in every process that touched them."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 def _start_time(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
@@ -160,6 +172,7 @@ def kind(label: str) -> str:
 class ProcPeak:
     label: str
     rss: int = 0
+    private: int = 0
 
 
 @dataclass
@@ -177,11 +190,12 @@ class TreeWatch:
             try:
                 key, rss = (pid, _start_time(pid)), _rss(pid)
                 label = "driver" if pid == self.root else _label(pid)
+                private = 0 if pid == self.root else _private(pid)
             except (OSError, IndexError, ValueError):   # exited meanwhile
                 continue
             total += rss
             peak = self.procs.setdefault(key, ProcPeak(label))
-            peak.rss = max(peak.rss, rss)
+            peak.rss, peak.private = max(peak.rss, rss), max(peak.private, private)
             # A worker's title is set after it starts, and goes back to ray::IDLE after its work: keep the work's.
             if label != "?" and (label not in PLACEHOLDERS or peak.label in PLACEHOLDERS):
                 peak.label = label
@@ -215,6 +229,8 @@ class StepResult:
     driver_peak_gb: float = 0.0
     other_peak_gb: float = 0.0
     other_peak_process: str = ""
+    other_private_gb: float = 0.0          # the largest private (unshared) peak of the others
+    other_private_process: str = ""
     tree_peak_gb: float = 0.0
     peak_by_kind_gb: dict[str, float] = field(default_factory=dict)
     top_processes: list[tuple[str, float]] = field(default_factory=list)   # the 8 largest others: (process, GB)
@@ -295,6 +311,8 @@ def _fill_memory(result: StepResult, watch: TreeWatch) -> None:
     if others:
         result.other_peak_gb, result.other_peak_process = others[0].rss / GB, others[0].label
         result.top_processes = [(p.label, round(p.rss / GB, 3)) for p in others[:8]]
+        top = max(others, key=lambda p: p.private)
+        result.other_private_gb, result.other_private_process = top.private / GB, top.label
     for p in others:
         k = kind(p.label)
         result.peak_by_kind_gb[k] = max(result.peak_by_kind_gb.get(k, 0.0), p.rss / GB)
@@ -355,7 +373,8 @@ def bench_size(n: int, args: argparse.Namespace, base: Path) -> SizeResult:
                 result.accounting[step] = accounting(store, n_input)
         result.steps[step] = res
         print(f"[{n} rows] {step}: {res.status}, {res.wall_s:.1f} s, driver {res.driver_peak_gb:.2f} GB, "
-              f"largest other {res.other_peak_gb:.2f} GB ({res.other_peak_process})", file=sys.stderr, flush=True)
+              f"largest other {res.other_peak_gb:.2f} GB ({res.other_peak_process}), private {res.other_private_gb:.2f} GB "
+              f"({res.other_private_process})", file=sys.stderr, flush=True)
         if not res.ok:
             res.log_tail = Path(res.log).read_text(errors="replace").strip().splitlines()[-20:]
             print("\n".join("    " + line for line in res.log_tail[-8:]), file=sys.stderr)
@@ -375,7 +394,7 @@ def phases(rec: dict | None) -> str:
 
 def table(results: list[SizeResult], load_start: str) -> Report:
     header = ["rows", "step", "status", "wall s", "rows/s", "processed", "phases s", "driver peak GB",
-              "largest other GB (process)", "tree peak GB", "accounting"]
+              "largest other GB (process)", "largest other, private GB (process)", "tree peak GB", "accounting"]
     report = Report("Scale: fresh `mmpipe` processes per step (run, no-op rerun, 1 %-changed rerun, train)",
                     header, load_start=load_start)
     for r in results:
@@ -385,6 +404,7 @@ def table(results: list[SizeResult], load_start: str) -> Report:
             report.add(r.input_ids, step, s.status, s.wall_s, r.input_ids / s.wall_s if s.ok and step != "train" else "",
                        counts.get("processed", ""), phases(s.record), f"{s.driver_peak_gb:.2f}",
                        f"{s.other_peak_gb:.2f} ({s.other_peak_process})" if s.other_peak_process else "- (none)",
+                       f"{s.other_private_gb:.2f} ({s.other_private_process})" if s.other_private_process else "- (none)",
                        f"{s.tree_peak_gb:.2f}",
                        "" if acc is None else ("ok" if acc["ok"] else f"MISMATCH {acc['accepted']}+{acc['rejected']}"))
     return report
@@ -406,6 +426,7 @@ def ratios(results: list[SizeResult]) -> dict[str, float | None]:
                              if f_small and f_big and big is not small else None),
         "driver_peak_gb": max((s.driver_peak_gb for s in run_steps), default=None),
         "other_peak_gb": max((s.other_peak_gb for s in every), default=None),
+        "other_private_gb": max((s.other_private_gb for s in every), default=None),
         "noop_s": noop.wall_s if noop else None,
         "changed_over_full": ratio(changed.wall_s, f_big.wall_s) if changed and f_big else None,
         "train_driver_peak_gb": train.driver_peak_gb if train else None,
@@ -418,6 +439,8 @@ def notes(report: Report, results: list[SizeResult], r: dict[str, float | None])
         "rows_per_s_ratio": (f"full-run rows/s at {big} / at {small} rows", True),
         "driver_peak_gb": (f"driver peak RSS over the three runs at {big} rows, GB", False),
         "other_peak_gb": (f"largest peak RSS of any other process (GCS, raylet, workers, actors) at {big} rows, GB", False),
+        "other_private_gb": (f"largest peak of private memory (not shared: no library, no object-store page) of any "
+                             f"other process at {big} rows, GB", False),
         "noop_s": (f"no-op rerun at {big} rows, s", False),
         "changed_over_full": (f"1 %-changed rerun / full run at {big} rows", False),
         "train_driver_peak_gb": (f"`mmpipe train` driver peak RSS at {big} rows, GB", False),

@@ -38,7 +38,7 @@ from training.loop import (ModelSpec, TorchCollective, TrainState, class_weights
 from training.stream import FeaturesSummary, open_snapshot, summarize
 
 log = logging.getLogger(__name__)
-GLOBAL_SHUFFLE_ROWS = 200_000   # train rows up to which each epoch is a full random shuffle
+GLOBAL_SHUFFLE_BYTES = 256 << 20   # train split size (model inputs) up to which each epoch is a full random shuffle
 SHUFFLE_BUFFER_ROWS = 20_000    # rows each worker's iterator shuffles in, above that
 FAULT_ENV = "MMPIPE_TRAIN_FAULT"   # "EPOCH:MARKER": the last worker exits at EPOCH once (tests)
 # The local engine holds the train and val splits in this process, as wide as the model's inputs
@@ -81,6 +81,12 @@ def local_row_bytes(dims: dict[str, int]) -> int:
     """Bytes one row takes in the local engine's arrays: per modality its float32 input (a packed
     sequence for a temporal branch) and mask, and the int64 label."""
     return sum(4 * (d + 1) for d in dims.values()) + 8
+
+
+def model_row_bytes(summary: FeaturesSummary) -> int:
+    """``local_row_bytes`` of the model's inputs, a temporal branch's frames x dims counted whole."""
+    return local_row_bytes({m: (summary.sequences[m][0] * summary.sequences[m][1] if m in summary.sequences else d)
+                            for m, d in summary.dims.items()})
 
 
 def _bytes(n: float) -> str:
@@ -202,10 +208,10 @@ def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_
     # The val split is read once into the object store (not the driver): every epoch's rank-0
     # validation then reads blocks instead of re-scanning the table for a tenth of its rows.
     train = summary.rows("train", use_augmented=tc.use_augmented).ray_dataset(snap)
-    # A global shuffle holds whole partitions in its reduce tasks (GBs at a million rows); past
-    # GLOBAL_SHUFFLE_ROWS the train split is shuffled as large datasets are: block order, then a
-    # shuffle buffer in each worker's iterator.
-    windowed = summary.n_train > GLOBAL_SHUFFLE_ROWS
+    # A global shuffle holds whole partitions in its reduce tasks (several times the split's size
+    # in one worker); past GLOBAL_SHUFFLE_BYTES of model inputs the train split is shuffled as large
+    # datasets are: block order, then a shuffle buffer in each worker's iterator.
+    windowed = summary.n_train * model_row_bytes(summary) > GLOBAL_SHUFFLE_BYTES
     datasets = {"train": train.randomize_block_order(seed=tc.seed) if windowed else shuffled(train, tc.seed),
                 "val": summary.rows("val").ray_dataset(snap).materialize()}
     trainer = TorchTrainer(

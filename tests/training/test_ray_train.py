@@ -69,15 +69,15 @@ def test_predict_table_reproduces_the_test_accuracy(trained):
 
 @pytest.mark.slow   # ~35 s: make test-slow (CI runs it); the streamed path is covered by the tests around it
 def test_a_large_train_split_is_shuffled_by_block_order_and_a_buffer(ray_local, tmp_path, monkeypatch):
-    """Past GLOBAL_SHUFFLE_ROWS the train split is not shuffled globally (its reduce tasks would
+    """Past GLOBAL_SHUFFLE_BYTES the train split is not shuffled globally (its reduce tasks would
     hold whole partitions): block order plus each worker's shuffle buffer, and it still learns."""
     import ray.data
 
     import training.train as tt
 
-    monkeypatch.setattr(tt, "GLOBAL_SHUFFLE_ROWS", 10)
+    monkeypatch.setattr(tt, "GLOBAL_SHUFFLE_BYTES", 10_000)
     monkeypatch.setattr(ray.data.Dataset, "random_shuffle",
-                        lambda *a, **k: pytest.fail("a global shuffle above GLOBAL_SHUFFLE_ROWS"))
+                        lambda *a, **k: pytest.fail("a global shuffle above GLOBAL_SHUFFLE_BYTES"))
     store = write_store(tmp_path, make_features(n=240))
     result = train(small_config(engine="ray", epochs=3, fusion="attention"), store, name="windowed")
     assert len(result.metrics["history"]) == 3 and result.metrics["accuracy"] > 0.4
