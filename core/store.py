@@ -325,13 +325,14 @@ class RowGroups:
 
 class DataFiles:
     """The Parquet data files one run writes into a table's folder: rows stream in, files of up
-    to FILE_ROWS rows in row groups of GROUP_ROWS go out (pyarrow, memory bounded by one row
+    to FILE_ROWS rows or FILE_BYTES stored in row groups of GROUP_ROWS go out (pyarrow, memory bounded by one row
     group); ``Store.commit`` makes them visible in one transaction. Named after the run, so that
     ``Store.recover`` can remove the files of a run that died before committing. Written with
     pyarrow rather than delta-rs's writer: that one buffers whole files in memory (RESULTS.md)
     and cannot be fed a stream that reads the table it writes."""
 
     FILE_ROWS = 32_768   # a read task of training takes a whole file: keep one to tens of MB stored
+    FILE_BYTES = 48 << 20   # the same for wide rows (media embeddings, sequences): a file ends at either
     GROUP_ROWS = 2048   # feature rows are kilobytes each: row groups of tens of MB at most
     PREFIX = "part-mmpipe-"
 
@@ -343,6 +344,7 @@ class DataFiles:
         self._groups = RowGroups(self.schema, self.GROUP_ROWS)
         self._writer = None
         self._name = ""
+        self._stream = None
         self._rows = 0
 
     @classmethod
@@ -363,10 +365,11 @@ class DataFiles:
             self._name = f"{self.PREFIX}{self.run_id}-{self.part}{len(self.adds):05d}.parquet"
             path = self.store.path_of(self.which, self._name)
             self.store.fs.create_dir(self.store.path_of(self.which), recursive=True)
-            self._writer = pq.ParquetWriter(self.store.fs.open_output_stream(path), self.schema, compression="snappy")
+            self._stream = self.store.fs.open_output_stream(path)
+            self._writer = pq.ParquetWriter(self._stream, self.schema, compression="snappy")
         self._writer.write_table(group, row_group_size=group.num_rows)
         self._rows += group.num_rows
-        if self._rows >= self.FILE_ROWS:
+        if self._rows >= self.FILE_ROWS or self._stream.tell() >= self.FILE_BYTES:   # (a row group is written whole)
             self._finish_file()
 
     def _finish_file(self) -> None:

@@ -59,6 +59,21 @@ def test_commit_rewrites_only_the_files_holding_deleted_keys(tmp_path, monkeypat
     assert _commit(store, _rows(0, "run-c"), "run-c") is None   # nothing to do: no new version
 
 
+def test_a_data_file_ends_at_file_bytes_for_wide_rows(tmp_path, monkeypatch):
+    """Wide rows (media embeddings) end a file by its stored size before FILE_ROWS: a read task of
+    training takes a whole file."""
+    monkeypatch.setattr(DataFiles, "GROUP_ROWS", 5)
+    store = Store(str(tmp_path / "s"))
+    wide = _rows(30, "run-a").set_column(FEATURES_SCHEMA.get_field_index("text_emb"), "text_emb",
+                                         pa.array([np.random.default_rng(i).random(2000).tolist() for i in range(30)],
+                                                  FEATURES_SCHEMA.field("text_emb").type))
+    group_bytes = 5 * 2000 * 4
+    monkeypatch.setattr(DataFiles, "FILE_BYTES", 2 * group_bytes)   # two row groups a file
+    assert _commit(store, wide, "run-a") == 0
+    sizes = [n for n in (pq.ParquetFile(f).metadata.num_rows for f in sorted((tmp_path / "s" / "features").glob("*.parquet")))]
+    assert sizes == [10, 10, 10] and store.read("features").num_rows == 30
+
+
 def test_a_failed_rewrite_fails_the_commit_and_leaves_files_recover_removes(tmp_path, monkeypatch):
     monkeypatch.setattr(DataFiles, "FILE_ROWS", 10)
     monkeypatch.setattr(DataFiles, "GROUP_ROWS", 5)
