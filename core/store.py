@@ -325,8 +325,8 @@ class RowGroups:
 
 class DataFiles:
     """The Parquet data files one run writes into a table's folder: rows stream in, files of up
-    to FILE_ROWS rows or FILE_BYTES stored in row groups of GROUP_ROWS go out (pyarrow, memory bounded by one row
-    group); ``Store.commit`` makes them visible in one transaction. Named after the run, so that
+    to FILE_ROWS rows or FILE_BYTES stored, in row groups of GROUP_ROWS, go out (pyarrow, memory
+    bounded by one row group); ``Store.commit`` makes them visible in one transaction. Named after the run, so that
     ``Store.recover`` can remove the files of a run that died before committing. Written with
     pyarrow rather than delta-rs's writer: that one buffers whole files in memory (RESULTS.md)
     and cannot be fed a stream that reads the table it writes."""
@@ -378,7 +378,8 @@ class DataFiles:
         if self._writer is None:
             return
         self._writer.close()
-        self._writer = None
+        self._stream.close()   # an object store makes the file visible (and sized) only once its stream is closed
+        self._writer = self._stream = None
         path = self.store.path_of(self.which, self._name)
         size = self.store.fs.get_file_info(path).size
         self.adds.append(AddAction(self._name, size, {}, int(time.time() * 1000), True,
