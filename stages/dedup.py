@@ -1020,8 +1020,9 @@ class StoredSignatures:
             signed = pc.fill_null(pc.greater(pc.binary_length(sigs), 0), False).to_pylist()   # stored while dedup was off: none
             keep = [k for k, row_id in enumerate(ids)
                     if signed[k] and row_id not in self.removed and (owns is None or owns(row_id))]
-            vers = sigs.take(pa.array(keep, pa.int64())).to_pylist() if versions is None else [versions[k] for k in keep]
-            yield [position + k for k in keep], [ids[k] for k in keep], vers, sigs.take(pa.array(keep, pa.int64()))
+            kept = sigs.take(pa.array(keep, pa.int64()))
+            yield ([position + k for k in keep], [ids[k] for k in keep],
+                   kept.to_pylist() if versions is None else [versions[k] for k in keep], kept)
             position += len(ids)
 
     def _batches(self) -> Iterator[tuple[list[str], list[str] | None, pa.Array]]:

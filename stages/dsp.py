@@ -97,10 +97,9 @@ def spectral_stats(mag: np.ndarray, wave: np.ndarray, sample_rate: int, n_fft: i
     first two moments (one small matrix product), not from a weights array per frame."""
     total = mag.sum(axis=0, dtype=np.float64)
     scale = np.where(total > np.finfo(np.float32).tiny, total, 1.0)
-    first, second = (_frequency_moments(sample_rate, n_fft) @ mag.astype(np.float64)) / scale
-    share = total / scale   # 1, or a silent frame's (tiny) sum
-    centroid = first
-    bandwidth = np.sqrt(np.maximum(second - 2.0 * centroid * first + centroid * centroid * share, 0.0))
+    centroid, second = (_frequency_moments(sample_rate, n_fft) @ mag.astype(np.float64)) / scale
+    share = total / scale   # the weights' sum: 1, or a silent frame's (tiny) magnitude
+    bandwidth = np.sqrt(np.maximum(second - centroid * centroid * (2.0 - share), 0.0))   # sum w (f - c)^2
     energy = np.cumsum(mag.T, axis=1)   # bins along rows: contiguous for magnitude()'s transposed view
     rolloff = fft_frequencies(sample_rate, n_fft)[np.argmax(energy >= 0.85 * energy[:, -1:], axis=1)]   # lowest bin reaching 85 %
     power = np.maximum(mag * mag if power is None else power, np.float32(1e-10))
