@@ -83,12 +83,6 @@ def local_row_bytes(dims: dict[str, int]) -> int:
     return sum(4 * (d + 1) for d in dims.values()) + 8
 
 
-def model_row_bytes(summary: FeaturesSummary) -> int:
-    """``local_row_bytes`` of the model's inputs, a temporal branch's frames x dims counted whole."""
-    return local_row_bytes({m: (summary.sequences[m][0] * summary.sequences[m][1] if m in summary.sequences else d)
-                            for m, d in summary.dims.items()})
-
-
 def _bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB"):
         if n < 1024:
@@ -211,7 +205,7 @@ def _fit_ray(summary: FeaturesSummary, tc: TrainingConfig, spec: ModelSpec, run_
     # A global shuffle holds whole partitions in its reduce tasks (several times the split's size
     # in one worker); past GLOBAL_SHUFFLE_BYTES of model inputs the train split is shuffled as large
     # datasets are: block order, then a shuffle buffer in each worker's iterator.
-    windowed = summary.n_train * model_row_bytes(summary) > GLOBAL_SHUFFLE_BYTES
+    windowed = summary.n_train * local_row_bytes(summary.dims) > GLOBAL_SHUFFLE_BYTES   # (dims: packed sequences)
     datasets = {"train": train.randomize_block_order(seed=tc.seed) if windowed else shuffled(train, tc.seed),
                 "val": summary.rows("val").ray_dataset(snap).materialize()}
     trainer = TorchTrainer(
