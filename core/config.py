@@ -117,6 +117,17 @@ class ExecutionConfig(Strict):
     decode_timeout_s: float = Field(30.0, gt=0)
     # A live line on a terminal during the processing pass (rows done, rows/s, rejects, time left).
     progress_line: bool = True
+    # A rerun drops the stored rows it supersedes either by rewriting the files that hold them (copy
+    # on write: a change spread over the ids rewrites the whole table) or by marking them in Delta
+    # deletion vectors: "on", "off", or "auto" = on for a table of at least deletion_vectors_min_rows
+    # rows. A table with deletion vectors is read by polars, deltalake's QueryBuilder and scan(),
+    # Spark and DuckDB; deltalake's to_pyarrow_dataset / to_pandas refuse it.
+    deletion_vectors: Literal["auto", "on", "off"] = "auto"
+    deletion_vectors_min_rows: int = Field(500_000, ge=0)
+
+    def vectors_from_rows(self) -> int | None:
+        """A table's rows from which its commits use deletion vectors (None: never)."""
+        return {"on": 0, "off": None}.get(self.deletion_vectors, self.deletion_vectors_min_rows)
 
 
 class RayConfig(Strict):

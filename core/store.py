@@ -10,9 +10,11 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -20,9 +22,14 @@ import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
+from core import deletion
+from core.scan import TableScan
 from core.schema import FEATURES_SCHEMA, REJECTS_SCHEMA
 
-REWRITE_THREADS = min(8, os.cpu_count() or 1)   # a commit's copy-on-write rewrites run side by side
+REWRITE_THREADS = min(8, os.cpu_count() or 1)   # a commit's reads of stored keys and rewrites run side by side
+# A stored file whose superseded rows are marked by a deletion vector while they are at most this
+# share of its rows; past it the file is rewritten without them (reads then skip less dead data).
+DV_MAX_SHARE = 0.5
 
 
 class StoreBusy(RuntimeError):
@@ -50,16 +57,14 @@ def filesystem_of(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def snapshot_dataset(dt: DeltaTable, fs: pafs.FileSystem) -> pads.Dataset:
-    """A Delta snapshot's data files as a pyarrow dataset read through ``fs``. deltalake's
+def snapshot_dataset(dt: DeltaTable, fs: pafs.FileSystem) -> TableScan:
+    """A Delta snapshot's live rows read through ``fs`` with pyarrow (``core.scan``). deltalake's
     ``to_pyarrow_dataset`` reads through a Python filesystem bridge into its Rust object store,
     and a process that scanned through it aborted at exit about every other time (``terminate
-    called without an active exception``, exit 134, even after a successful ``mmpipe report``).
-    mmpipe's tables have no partitions and no deletion vectors (a superseded row's file is
-    rewritten), so the file list is the snapshot. A table written before a column was added (a
+    called without an active exception``, exit 134, even after a successful ``mmpipe report``);
+    it also refuses tables with deletion vectors. A table written before a column was added (a
     new modality's) reads with that column, null in its old rows."""
-    paths = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
-    return pads.dataset(paths, schema=widened(dt.to_pyarrow_dataset().schema), filesystem=fs, format="parquet")
+    return TableScan(dt, fs, widened(pa.schema(dt.schema().to_arrow())))
 
 
 def widened(schema: pa.Schema) -> pa.Schema:
@@ -154,11 +159,11 @@ class Store:
             return schema.empty_table().select(columns) if columns else schema.empty_table()
         return self.snapshot(dt).to_table(columns=columns, filter=filter)
 
-    def snapshot(self, dt: DeltaTable) -> pads.Dataset:
+    def snapshot(self, dt: DeltaTable) -> TableScan:
         return snapshot_dataset(dt, self.fs)
 
-    def dataset(self, which: str, version: int | None = None) -> pads.Dataset | None:
-        """A table at ``version`` (default: the latest) as a lazily read pyarrow dataset, opened
+    def dataset(self, which: str, version: int | None = None) -> TableScan | None:
+        """A table at ``version`` (default: the latest) as a lazily read scan of its live rows, opened
         with this store's storage options; None when the table does not exist. A version the
         table never had is a user error (``ConfigError``)."""
         uri = self.uri_of(which)
@@ -202,40 +207,68 @@ class Store:
         return DataFiles(self, which, run_id)
 
     def commit(self, which: str, files: "DataFiles", delete: pa.Array | None, run_id: str,
-               metadata: dict | None = None) -> int | None:
+               metadata: dict | None = None, vectors_from: int | None = None) -> int | None:
         """One Delta transaction: add the run's data files and remove the rows whose key (``id``,
-        or ``id<TAB>aug`` for features) is in ``delete``: each stored file holding one is rewritten
-        without them (copy on write), read and written a row group at a time. Returns the new
-        version, or None when there was nothing to do. The driver holds file lists and keys,
-        never rows."""
+        or ``id<TAB>aug`` for features) is in ``delete``. A stored file holding such rows is
+        rewritten without them, a row group at a time, or, unless ``vectors_from`` is None, in a
+        table with deletion vectors (one that has them, or holds at least ``vectors_from`` rows: it
+        gains them), gets a vector marking them while they are at most DV_MAX_SHARE of its rows. Returns the new version, or
+        None when there was nothing to do. The driver holds file lists, keys and the vectors' row
+        positions, never rows."""
         from deltalake import Schema as DeltaSchema
         from deltalake.transaction import RemoveAction, create_table_with_add_actions
 
-        props = CommitProperties(custom_metadata={"mmpipe.run_id": run_id, **(metadata or {})})
+        custom = {"mmpipe.run_id": run_id, **(metadata or {})}
+        props = CommitProperties(custom_metadata=custom)
         uri = self.uri_of(which)
         dt = self.table(uri)
-        removes = []
+        result, deleted = Deletions(), {}
         if dt is not None and delete is not None and len(delete):
-            now = int(time.time() * 1000)
-            actions = dt.get_add_actions(flatten=True)
-            sizes = dict(zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist()))
-            removes = [RemoveAction(path, True, now, sizes[path]) for path in files.rewrite_all(list(sizes), delete)]
+            actions = pa.table(dt.get_add_actions(flatten=True))
+            vectors = vectors_from is not None and (
+                deletion.supported(dt) or (pc.sum(actions["num_records"]).as_py() or 0) >= vectors_from)
+            if vectors and not deletion.supported(dt):
+                dt.alter.set_table_properties(deletion.ENABLE)   # adds the protocol's reader and writer feature
+                dt.update_incremental()
+            deleted = deletion.deleted_rows(dt)
+            result = files.delete_all(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(),
+                                      actions.column("num_records").to_pylist(), deleted, delete, vectors)
         adds = files.close()
-        if not adds and not removes:
+        if not adds and not result:
             return None
         schema = files.schema
         if dt is None:
             create_table_with_add_actions(uri, DeltaSchema.from_arrow(schema), adds, mode="error", name=which,
-                                          description=json.dumps(metadata or {}), storage_options=self.storage_options,
-                                          commit_properties=props)
+                                          description=json.dumps(metadata or {}),
+                                          storage_options=self.storage_options, commit_properties=props)
             return 0
-        stored = pa.schema(dt.schema().to_arrow()).names
-        new_columns = [f for f in schema if f.name not in stored]
+        stored_names = pa.schema(dt.schema().to_arrow()).names
+        new_columns = [f for f in schema if f.name not in stored_names]
         if new_columns:   # a table from before a column existed (schema evolution: Delta's add-columns)
             dt.alter.add_columns(list(DeltaSchema.from_arrow(pa.schema(new_columns)).fields))
-        dt.create_write_transaction(removes + adds, mode="append", schema=schema, commit_properties=props)
+            dt.update_incremental()
+        if result.deleted or (result.removed and deleted):
+            self._commit_by_hand(which, dt, result, adds, custom)
+        else:
+            now = int(time.time() * 1000)
+            removes = [RemoveAction(path, True, now, size) for path, size in result.removed.items()]
+            dt.create_write_transaction(removes + adds, mode="append", schema=schema, commit_properties=props)
         dt.update_incremental()
         return dt.version()
+
+    def _commit_by_hand(self, which: str, dt: DeltaTable, result: "Deletions", adds: list, custom: dict) -> None:
+        """A commit that adds deletion vectors or removes files that carry one (deltalake's
+        transactions cannot: ``core.deletion``); a checkpoint every ``delta.checkpointInterval``
+        versions, as deltalake's own commits make."""
+        root = self.path_of(which)
+        old = deletion.descriptors(self.fs, root, dt.version())
+        vectors = deletion.write_vectors(self.fs, root, result.deleted)
+        actions = deletion.file_actions(result.deleted, vectors, old, result.removed, adds, int(time.time() * 1000))
+        version = dt.version() + 1
+        deletion.commit(self.fs, root, self.uri_of(which), version, actions, custom)
+        dt.update_incremental()
+        if version % int(dt.metadata().configuration.get("delta.checkpointInterval", 100)) == 0:
+            dt.create_checkpoint()
 
     def orphan_files(self, which: str, done: set[str]) -> list[str]:
         """Data files of runs that never committed: written by ``DataFiles`` (their run id in the
@@ -392,35 +425,65 @@ class DataFiles:
         self._finish_file()
         return self.adds
 
-    def rewrite_all(self, paths: list[str], delete: pa.Array) -> list[str]:
-        """``rewrite_without`` for each stored file in ``paths``, on up to REWRITE_THREADS threads
-        (Arrow reads, filters and writes Parquet without holding the GIL), each thread writing its
-        own files of this run; returns the paths rewritten (the caller removes them)."""
-        threads = max(1, min(REWRITE_THREADS, len(paths)))
-        if threads == 1:
-            return [path for path in paths if self.rewrite_without(path, delete)]
-        writers = [DataFiles(self.store, self.which, self.run_id, part=f"{self.part}w{k}.") for k in range(threads)]
+    def delete_all(self, names: list[str], sizes: list[int], records: list[int | None],
+                   deleted: dict[str, np.ndarray], delete: pa.Array, vectors: bool) -> "Deletions":
+        """``delete_from`` for each stored file (``names`` relative to the table), on up to
+        REWRITE_THREADS threads (Arrow reads, filters and writes Parquet without holding the GIL),
+        each thread writing its own files of this run. ``vectors``: the table has deletion vectors."""
+        jobs = [(name, size, n, deleted.get(name), vectors) for name, size, n in zip(names, sizes, records)]
+        threads = max(1, min(REWRITE_THREADS, len(jobs)))
+        writers = [self] if threads == 1 else [DataFiles(self.store, self.which, self.run_id, part=f"{self.part}w{k}.")
+                                               for k in range(threads)]
         with ThreadPoolExecutor(threads, thread_name_prefix="rewrite") as pool:
-            done = list(pool.map(lambda k: [p for p in paths[k::threads] if writers[k].rewrite_without(p, delete)],
+            done = list(pool.map(lambda k: [(job, writers[k].delete_from(*job, delete)) for job in jobs[k::threads]],
                                  range(threads)))
-        for writer in writers:
+        for writer in writers if threads > 1 else ():
             self.adds += writer.close()
-        return [path for part in done for path in part]
+        out = Deletions()
+        for (name, size, *_), outcome in (pair for part in done for pair in part):
+            if isinstance(outcome, deletion.Deleted):
+                out.deleted.append(outcome)
+            elif outcome:
+                out.removed[name] = size
+        return out
 
-    def rewrite_without(self, path: str, delete: pa.Array) -> bool:
-        """If the stored file ``path`` holds a key in ``delete``, write its other rows into this
-        run's files and return True (the caller removes the file)."""
+    def delete_from(self, name: str, size: int, records: int | None, deleted: np.ndarray | None, vectors: bool,
+                    delete: pa.Array) -> "deletion.Deleted | bool":
+        """Drop the rows of stored file ``name`` whose key is in ``delete``: False when it holds none
+        (live); its new deletion vector (with the rows ``deleted`` before), if ``vectors``; or
+        True when it is to be removed, its live rows written into this run's files first."""
         import pyarrow.parquet as pq
 
-        full = self.store.path_of(self.which, path)
-        with self.store.fs.open_input_file(full) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)   # pre-buffering reads the whole file
-            if not pc.any(pc.is_in(row_keys(pf.read(columns=_key_columns(self.which)), self.which), value_set=delete)).as_py():
+        with self.store.fs.open_input_file(self.store.path_of(self.which, name)) as handle:
+            pf = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)   # pre-buffering reads the whole file
+            n = pf.metadata.num_rows
+            alive = np.ones(n, bool)
+            if deleted is not None:
+                alive[deleted] = False
+            hits = pc.is_in(row_keys(pf.read(columns=_key_columns(self.which)), self.which), value_set=delete)
+            hits = hits.to_numpy(zero_copy_only=False).astype(bool) & alive
+            if not hits.any():
                 return False
-            for g in range(pf.num_row_groups):
+            alive &= ~hits
+            if vectors and alive.sum() >= (1 - DV_MAX_SHARE) * n:
+                return deletion.Deleted(name, size, records or n, np.flatnonzero(~alive))
+            start = 0
+            for g in range(pf.num_row_groups if alive.any() else 0):
                 group = pf.read_row_group(g)
-                self.write(group.filter(pc.invert(pc.is_in(row_keys(group, self.which), value_set=delete))))
+                self.write(group.filter(pa.array(alive[start:start + group.num_rows])))
+                start += group.num_rows
         return True
+
+
+@dataclass
+class Deletions:
+    """What a commit does to stored files: vectors to add, files to remove (relative path -> bytes)."""
+
+    deleted: list = field(default_factory=list)
+    removed: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.deleted or self.removed)
 
 
 def _key_columns(which: str) -> list[str]:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from core.config import ConfigError
+from core.scan import TableScan, ray_read
 from core.store import Store, filesystem_of, snapshot_dataset
 from pipeline.sinks import TarSampleWriter, richness, sample_key
 from stages.modalities import INLINE, MEDIA, MODALITIES, REGISTRY, modality_of_suffix
@@ -30,6 +31,7 @@ FORMATS = ("parquet", "webdataset")
 HF_SPLIT = {"val": "validation"}   # mmpipe split -> the name Hugging Face gives it (and the export's folder)
 PARQUET_GROUP_ROWS = 128   # rows per Parquet row group: media rows are large, and readers stream by row group
 READ_COLUMNS = ["id", "label", "split", "aug", "meta", "shard", *(f"{m}_emb" for m in MODALITIES)]
+READ_BLOCK_BYTES = 32 << 20   # stored bytes per Ray Data read task
 
 
 @dataclass
@@ -38,7 +40,7 @@ class ExportPlan:
     the run that made the version (its config, fingerprints and the rejects of that time)."""
     store: Store
     version: int
-    files: list[str]
+    scan: TableScan                         # the version's live rows
     splits: list[str]                       # exported, in order
     augmented: bool
     rows: Counter = field(default_factory=Counter)                  # split -> rows
@@ -71,11 +73,10 @@ def plan_export(store: Store, version: Optional[int], splits: list[str], augment
         raise ConfigError(f"features table of {store.uri} has no version {version} (versions 0..{latest})")
     if version != latest:
         dt.load_as_version(version)
-    files = [uri.split("://", 1)[1] if "://" in uri else uri for uri in dt.file_uris()]
-    plan = ExportPlan(store, version, files, [], augmented)
+    plan = ExportPlan(store, version, snapshot_dataset(dt, store.fs), [], augmented)
     rows = pc.field("aug") == 0 if not augmented else None
     present: Counter = Counter()
-    for batch in snapshot_dataset(dt, store.fs).to_batches(
+    for batch in plan.scan.to_batches(
             columns=["split", "label", *(f"has_{m}" for m in MODALITIES)], filter=rows,
             batch_size=65536, batch_readahead=2, fragment_readahead=1):
         for split, label, n in _pairs(batch):
@@ -274,7 +275,7 @@ def export(plan: ExportPlan, fmt: str, out: str) -> ExportResult:
     ctx = ray.data.DataContext.get_current()
     strategy, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:   # the hash shuffle starts aggregator actors: 10-14 s against 1 s for a small store
-        ds = ray.data.read_parquet(plan.files, filesystem=plan.store.fs).select_columns(READ_COLUMNS)
+        ds = ray_read(plan.scan, READ_COLUMNS, READ_BLOCK_BYTES)
         ds = ds.map_batches(_select, fn_kwargs={"splits": plan.splits, "augmented": plan.augmented}, batch_format="pyarrow")
         done = ds.groupby(["split", "shard"]).map_groups(
             write_group, fn_kwargs={"store_uri": plan.store.uri, "out": out, "fmt": fmt}, batch_format="pyarrow")

@@ -101,7 +101,8 @@ def _new_features(staged: list[Path], filled: Spill, rejected: pa.Array) -> Iter
     yield from filled.batches()
 
 
-def commit(store: Store, plan: StreamedPlan, sink: SinkResult, run_id: str, dims: dict) -> dict:
+def commit(store: Store, plan: StreamedPlan, sink: SinkResult, run_id: str, dims: dict,
+           vectors_from: int | None = None) -> dict:
     """One Delta transaction per table: the run's rows written as new data files, the stored rows
     it supersedes (every stored key of an id it touched) removed by rewriting the files that hold
     them. Everything streams from the run's spills; the driver holds ids and keys, never rows."""
@@ -116,12 +117,13 @@ def commit(store: Store, plan: StreamedPlan, sink: SinkResult, run_id: str, dims
         features.write(batch)
         written += batch.num_rows
     stale = row_keys(plan.feature_tombs.table(), "features").combine_chunks()
-    v_features = store.commit("features", features, stale, run_id, {"mmpipe.dims": json.dumps(dims)})
+    v_features = store.commit("features", features, stale, run_id, {"mmpipe.dims": json.dumps(dims)}, vectors_from)
     _fault_point("between_commits")
     rejects = store.data_files("rejects", run_id)
     for batch in plan.rejects.batches():
         rejects.write(batch)
-    v_rejects = store.commit("rejects", rejects, plan.reject_tombs.table()["id"].combine_chunks(), run_id)
+    v_rejects = store.commit("rejects", rejects, plan.reject_tombs.table()["id"].combine_chunks(), run_id,
+                             vectors_from=vectors_from)
     return {"features_version": v_features, "rejects_version": v_rejects,
             "rows_written": written, "run_rejects": run_rejects}
 
@@ -177,7 +179,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, release_ray: bool = Fal
         stopping = pipe.release_ray() if release_ray else None
         _fault_point("before_commit")
         with timed(phases, "commit", peaks):
-            committed = commit(store, plan, result, run_id, result.dims)
+            committed = commit(store, plan, result, run_id, result.dims, cfg.execution.vectors_from_rows())
     record = _record(cfg, store, run_id, plan, result, committed, started, phases, pipe, peaks)
     record["profile"] = _profile(marks, result, pipe)
     _fault_point("before_record")

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.config import ConfigError
+from core.scan import StoredFile
 from core.store import Store
 from training.data import embedding_matrix
 
@@ -97,20 +98,30 @@ def index_folder(store: Store, model_dir: str | Path | None) -> Path:
     return Path(store.uri) / "index" / (Path(model_dir).name if model_dir is not None else "_raw")
 
 
-def _rows(store: Store, version: int, files: list[str] | None, modality: str) -> Iterator[pa.RecordBatch]:
-    """Original rows with ``modality``, of the whole snapshot or of the given data files only."""
+def _rows(store: Store, version: int, files: list[StoredFile] | None, modality: str) -> Iterator[pa.RecordBatch]:
+    """Original rows with ``modality``, of the whole snapshot or of the given files (read with their
+    own masks) only."""
     from training.stream import Snapshot
 
-    snap = Snapshot(store.features_uri, version, store.storage_options)
-    dataset = snap.dataset()
+    scan = Snapshot(store.features_uri, version, store.storage_options).dataset()
     wanted = (pc.field("aug") == 0) & pc.field(f"has_{modality}")
     columns = ["id", "label", f"{modality}_emb", "aug", f"has_{modality}"]
-    for fragment in dataset.get_fragments():
-        if files is not None and fragment.path not in files:
-            continue
-        for batch in fragment.to_batches(columns=columns, batch_size=READ_ROWS, filter=wanted):
+    for f in scan.files if files is None else files:
+        for batch in scan.file_batches(f, columns, wanted, READ_ROWS):
             if batch.num_rows:
                 yield batch
+
+
+def _gone(scan, then: StoredFile, now: StoredFile) -> StoredFile | None:
+    """A file live at both versions whose deletion vector grew: it, read as only the rows deleted since."""
+    import pyarrow.parquet as pq
+
+    since = np.setdiff1d(now.deleted if now.deleted is not None else [], then.deleted if then.deleted is not None else [])
+    if not len(since):
+        return None
+    with scan.fs.open_input_file(then.path) as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    return StoredFile(then.path, np.setdiff1d(np.arange(rows), since))
 
 
 def _vectors(batch: pa.RecordBatch, modality: str) -> np.ndarray:
@@ -153,21 +164,21 @@ class VectorIndex:
             return self._build(latest, fp)
         return self._update(latest, fp, meta, *files)
 
-    def _changed_files(self, meta: dict, latest: int) -> tuple[list[str], list[str]] | None:
-        """(files removed, files added) between the index's version and ``latest``; None when the
-        removed files can no longer be read (vacuumed): then only a fresh build is right."""
-        from deltalake import DeltaTable
-
-        from core.store import filesystem_of
+    def _changed_files(self, meta: dict, latest: int) -> tuple[list[StoredFile], list[StoredFile]] | None:
+        """(rows gone, rows added) between the index's version and ``latest`` as files to read: the
+        files removed, and those whose deletion vector grew masked to the rows it added; the files
+        added. None when a removed file can no longer be read (vacuumed): then only a fresh build is right."""
+        from training.stream import Snapshot
 
         uri, opts = self.store.features_uri, self.store.storage_options
-        then = set(DeltaTable(uri, version=meta["features_version"], storage_options=opts).file_uris())
-        now = set(DeltaTable(uri, version=latest, storage_options=opts).file_uris())
-        removed, added = sorted(then - now), sorted(now - then)
-        fs, _ = filesystem_of(uri)
-        if any(fs.get_file_info(_fs_path(f)).type.name == "NotFound" for f in removed):
+        then = {f.path: f for f in Snapshot(uri, meta["features_version"], opts).dataset().files}
+        scan = Snapshot(uri, latest, opts).dataset()
+        now = {f.path: f for f in scan.files}
+        removed = [f for path, f in then.items() if path not in now]
+        if any(scan.fs.get_file_info(f.path).type.name == "NotFound" for f in removed):
             return None
-        return [_fs_path(f) for f in removed], [_fs_path(f) for f in added]
+        shrunk = [g for path, f in then.items() if path in now for g in [_gone(scan, f, now[path])] if g is not None]
+        return removed + shrunk, [f for path, f in now.items() if path not in then]
 
     def _build(self, version: int, fp: str) -> dict:
         graph, ids = None, []
@@ -179,7 +190,7 @@ class VectorIndex:
         return {"mode": "build", "added": table.num_rows, "removed": 0, "count": table.num_rows,
                 "features_version": version}
 
-    def _update(self, version: int, fp: str, meta: dict, removed: list[str], added: list[str]) -> dict:
+    def _update(self, version: int, fp: str, meta: dict, removed: list[StoredFile], added: list[StoredFile]) -> dict:
         graph = _load(self.paths.graph, meta["dim"]) if self.paths.graph.is_file() else None
         ids = pq.read_table(self.paths.ids)
         gone = [keys_of(b.column("id").to_pylist()) for b in _rows(self.store, meta["features_version"], removed, self.modality)]
@@ -267,8 +278,3 @@ def _id_rows(batch: pa.RecordBatch) -> pa.Table:
     ids = batch.column("id").to_pylist()
     return pa.table({"key": pa.array(keys_of(ids), pa.uint64()), "id": pa.array(ids, pa.string()),
                      "label": batch.column("label").cast(pa.string())}, schema=IDS_SCHEMA)
-
-
-def _fs_path(uri: str) -> str:
-    """A data file's URI as the store filesystem's path (as ``core.store.snapshot_dataset`` names it)."""
-    return uri.split("://", 1)[1] if "://" in uri else uri

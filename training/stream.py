@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from core.config import ConfigError
+from core.scan import TableScan, ray_read
 from core.store import Store
 from training.data import LABEL, Arrays, FeaturesNotFound, check_modalities, sequence_shape, to_arrays, to_arrow
 
@@ -37,7 +38,7 @@ class Snapshot:
     storage_options: dict[str, str] | None = None
     requested: int | None = None     # the version asked for (None: the latest)
 
-    def dataset(self) -> pads.Dataset:
+    def dataset(self) -> TableScan:
         from deltalake import DeltaTable
 
         from core.store import filesystem_of, snapshot_dataset
@@ -47,38 +48,19 @@ class Snapshot:
 
     def batches(self, columns: list[str], filter: pc.Expression | None = None, batch_size: int = READ_ROWS,
                 filter_columns: tuple[str, ...] = ()) -> Iterator[pa.RecordBatch]:
-        """``columns`` of the rows matching ``filter`` (over ``filter_columns``), file by file with
-        pyarrow's buffered page reader: the dataset scanner decodes a whole row group at a time,
-        ~100 MB per file with wide embeddings; this holds about one batch."""
-        dataset = self.dataset()
-        read = list(dict.fromkeys([*columns, *filter_columns]))
-        schema = pa.schema([dataset.schema.field(c) for c in read])
-        for fragment in dataset.get_fragments(filter=filter):   # the files' statistics prune some
-            keys = pads.get_partition_keys(fragment.partition_expression)
-            with dataset.filesystem.open_input_file(fragment.path) as f:
-                pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
-                have = set(pf.schema_arrow.names)
-                for batch in pf.iter_batches(batch_size=batch_size, columns=[c for c in read if c in have]):
-                    n = batch.num_rows   # older files may lack a column: its partition value or nulls
-                    cols = [batch.column(c).cast(t.type) if c in have else pa.array([keys.get(c)] * n, t.type)
-                            for c, t in zip(read, schema)]
-                    table = pa.Table.from_batches([pa.RecordBatch.from_arrays(cols, schema=schema)])
-                    if filter is not None:
-                        table = table.filter(filter)
-                    yield from table.select(columns).to_batches()
+        """``columns`` of the live rows matching ``filter``, file by file with pyarrow's buffered
+        page reader: the dataset scanner decodes a whole row group at a time, ~100 MB per file
+        with wide embeddings; this holds about one batch. (``filter_columns``: the filter's
+        columns, which the scan also finds by itself.)"""
+        scan = self.dataset()
+        for f in scan.files:
+            yield from scan.file_batches(f, columns, filter, batch_size)
 
     def ray_dataset(self, columns: list[str]):
         """The snapshot as a Ray Dataset (read tasks on the cluster, the driver holds no rows).
         Blocks of about ``READ_BLOCK_BYTES`` and never more than one file each: then a small table
         is one block, and a seeded shuffle orders it as it orders the same rows held in memory."""
-        import ray.data
-        from deltalake import DeltaTable
-
-        dt = DeltaTable(self.uri, version=self.version, storage_options=self.storage_options)
-        sizes = pa.table(dt.get_add_actions(flatten=True)).column("size_bytes")
-        blocks = max(1, len(sizes), math.ceil((pc.sum(sizes).as_py() or 0) / READ_BLOCK_BYTES))
-        return ray.data.read_delta(self.uri, version=self.version, storage_options=self.storage_options,
-                                   columns=columns, override_num_blocks=blocks)
+        return ray_read(self.dataset(), columns, READ_BLOCK_BYTES)
 
 
 def open_snapshot(store: str | Path, version: int | None = None) -> Snapshot:

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
 from pipeline.demo import _audio, _image, make_demo
 from pipeline.runner import run
+from core.deletion import deleted_rows
 from core.store import Store, StoreBusy
 from tests.pipeline.helpers import config, write_config
 
@@ -31,7 +33,8 @@ def write_rows(manifest: Path, rows: list[dict]) -> None:
 
 
 def features(store: Path, version: int | None = None) -> dict:
-    t = DeltaTable(str(store / "features"), version=version).to_pyarrow_table()
+    """The table as deltalake's own engine reads it (deletion vectors applied)."""
+    t = pa.RecordBatchReader.from_stream(DeltaTable(str(store / "features"), version=version).scan()).read_all()
     return {(r["id"], r["aug"]): r for r in t.to_pylist()}
 
 
@@ -69,12 +72,14 @@ def test_second_identical_run_processes_nothing(own, tmp_path):
     assert second["versions"] == {"features": None, "rejects": None}   # no new commit either
 
 
-@pytest.mark.parametrize("bucket_rows", [100_000, 7], ids=["one-bucket", "15-buckets"])
-def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path, bucket_rows):
-    """Also with the plan streamed through 15 id buckets: the same decisions, rows and commits."""
+@pytest.mark.parametrize("bucket_rows,vectors", [(100_000, "auto"), (7, "auto"), (100_000, "on")],
+                         ids=["one-bucket", "15-buckets", "deletion-vectors"])
+def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path, bucket_rows, vectors):
+    """Also with the plan streamed through 15 id buckets, and with the superseded rows marked by
+    deletion vectors instead of rewritten: the same decisions, rows and commits."""
     folder, manifest = own
     store = tmp_path / "s"
-    go = functools.partial(_go, overrides={"execution": {"plan_bucket_rows": bucket_rows}})
+    go = functools.partial(_go, overrides={"execution": {"plan_bucket_rows": bucket_rows, "deletion_vectors": vectors}})
     assert go(folder, manifest, store)["plan_buckets"] == (1 if bucket_rows > N else 15)
     v0 = DeltaTable(str(store / "features")).version()
     before = features(store)
@@ -95,6 +100,7 @@ def test_changes_deletions_and_equality_with_a_fresh_run(own, tmp_path, bucket_r
     write_rows(manifest, rows)
     rec = go(folder, manifest, store)
     assert rec["counts"]["processed"] == 5 and rec["counts"]["unchanged"] == N - 5
+    assert bool(deleted_rows(DeltaTable(str(store / "features")))) == (vectors == "on")
     after = features(store)
     changed_ids = {rows[k]["id"] for k in range(5)}
     for key, row in after.items():

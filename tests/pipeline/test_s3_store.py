@@ -182,3 +182,29 @@ def test_run_twice_on_s3_and_read_everything_back(s3, tmp_path):
     runs = [k for k in keys("store/runs/") if k.endswith(".json")]
     assert runs == sorted(f"store/runs/{r['run_id']}.json" for r in (first, second))
     assert "store/_lock.json" not in keys("store/")
+
+
+# -- deletion vectors ----------------------------------------------------------------------------
+def test_deletion_vector_commits_on_s3_and_a_taken_version_is_refused(s3):
+    """The hand-written commit of a deletion vector goes to S3 with create-if-absent: a version
+    another writer took is a CommitConflict, not an overwrite."""
+    import pyarrow as pa
+
+    from core import deletion
+    from core.schema import REJECTS_SCHEMA
+
+    store = Store(f"s3://{BUCKET}/vectors")
+
+    def commit(ids, delete, run):
+        files = store.data_files("rejects", run)
+        files.write(pa.Table.from_pylist([{"id": i, "stage": "s", "reason": "r", "run_id": run} for i in ids],
+                                         schema=REJECTS_SCHEMA))
+        return store.commit("rejects", files, pa.array(delete, pa.string()), run, vectors_from=0)
+
+    commit([f"r{i}" for i in range(20)], [], "run-a")
+    commit(["r3"], ["r3", "r4"], "run-b")
+    dt = store.table(store.rejects_uri)
+    assert deletion.deleted_rows(dt) and store.count("rejects") == 19
+    assert sorted(store.read("rejects", columns=["id"])["id"].to_pylist()) == sorted(f"r{i}" for i in range(20) if i != 4)
+    with pytest.raises(deletion.CommitConflict):
+        deletion.commit(store.fs, store.path_of("rejects"), store.rejects_uri, dt.version(), [], {})

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from deltalake import DeltaTable
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from core.deletion import deleted_rows
 from pipeline.demo import SR, _audio, make_demo
 from training.index import VectorIndex
 from pipeline.runner import run
@@ -100,7 +102,9 @@ def _ids(index: VectorIndex) -> set[str]:
     return set(pq.read_table(index.paths.ids)["id"].to_pylist())
 
 
-def test_the_index_follows_incremental_runs_and_equals_a_fresh_build(aligned, tmp_path):
+@pytest.mark.parametrize("vectors", ["off", "on"], ids=["copy-on-write", "deletion-vectors"])
+def test_the_index_follows_incremental_runs_and_equals_a_fresh_build(aligned, tmp_path, vectors):
+    """Also when the dropped rows stay in their files, marked by deletion vectors."""
     folder, manifest, store, model = aligned
     work = tmp_path / "store"
     shutil.copytree(store, work)
@@ -121,7 +125,9 @@ def test_the_index_follows_incremental_runs_and_equals_a_fresh_build(aligned, tm
     changed = manifest.parent / "m2.jsonl"   # beside the media it names
     changed.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] not in dropped) +
                        "".join(json.dumps(r) + "\n" for r in new_rows))
-    run(config(tmp_path, changed, work, IN_DRIVER), log=lambda s: None)
+    overrides = {**IN_DRIVER, "execution": {**IN_DRIVER.get("execution", {}), "deletion_vectors": vectors}}
+    run(config(tmp_path, changed, work, overrides), log=lambda s: None)
+    assert bool(deleted_rows(DeltaTable(str(work / "features")))) == (vectors == "on")
     update = index.sync()
     assert update["mode"] == "update" and update["removed"] >= 5
     after = _ids(index)

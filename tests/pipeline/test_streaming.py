@@ -82,14 +82,14 @@ def test_a_failed_rewrite_fails_the_commit_and_leaves_files_recover_removes(tmp_
     _commit(store, _rows(30, "run-a"), "run-a")
     assert len(store.table(store.features_uri).file_uris()) == 3
     store.write_text("runs/run-a.json", json.dumps({"run_id": "run-a", "started": "1"}))
-    real = DataFiles.rewrite_without
+    real = DataFiles.delete_from
 
-    def flaky(self, path, delete):
-        if "00001" in path:
+    def flaky(self, name, *args):
+        if "00001" in name:
             raise OSError("disk gone")
-        return real(self, path, delete)
+        return real(self, name, *args)
 
-    monkeypatch.setattr(DataFiles, "rewrite_without", flaky)
+    monkeypatch.setattr(DataFiles, "delete_from", flaky)
     with pytest.raises(OSError, match="disk gone"):
         _commit(store, _rows(1, "run-b", 3), "run-b", delete=[f"r{i}\t0" for i in (3, 13, 23)])
     assert store.table(store.features_uri).version() == 0 and store.read("features").num_rows == 30
