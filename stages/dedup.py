@@ -689,7 +689,7 @@ class _Shard:
         self.phash, self.has_phash = _Column(np.uint64), _Column(bool)
         self.vphash, self.has_vphash = _Column(np.uint64, VIDEO_HASHES), _Column(bool)
         self.ids = _Strings()
-        self.key = _Column(np.uint64, 2)     # a stored row's 128-bit hash of (id, signature); 0 for this run's
+        self.key = _Column(np.uint64, 2)     # a stored row's 128-bit hash of (id, run id); 0 for this run's
         self.by_id = _KeyIndex(np.uint64)
         self.by_sha = {key: _KeyIndex(np.uint64, aux=True) for key in sorted(_sha_keys(p))}
         self.text = _MinHashBands(p.minhash_threshold, p.num_perm) if p.text_minhash else None
@@ -767,11 +767,21 @@ class _Shard:
         self.alive.data[gone] = False
         self.dead += len(gone)
 
-    def save(self, path: str) -> None:
-        """Write the stored rows this shard holds (this run's rows left out: the next run finds them
-        in the store) to the folder ``path``: an .npy file per array and a JSON outline (no pickle).
-        The shard's last call."""
-        self.alive.data[self.seq.data >= RUN_SEQ] = False
+    def next_seq(self) -> int:
+        """The seq after every row held (a run's rows register after those a saved shard kept)."""
+        return int(self.seq.data.max()) + 1 if self.seq.n else 0
+
+    def save(self, path: str, run_id: str = "") -> None:
+        """Write the rows this shard holds to the folder ``path``: an .npy file per array and a JSON
+        outline (no pickle). The shard's last call. This run's rows (no key yet) are kept under the
+        key its commit stores them with, (id, ``run_id``): the next run's refresh finds them stored,
+        or, if they never were (a later stage rejected them, the commit failed), drops them.
+        Without ``run_id`` they are left out."""
+        mine = np.flatnonzero(self.alive.data & ~self.key.data.any(axis=1))
+        if run_id:
+            self.key.data[mine] = _row_keys([self.ids[int(k)] for k in mine], itertools.repeat(run_id))
+        else:
+            self.alive.data[mine] = False
         self.dead = int(np.count_nonzero(~self.alive.data))
         if self.dead:
             self.compact()
@@ -1050,7 +1060,7 @@ class DedupIndex:
         self.params = params if isinstance(params, DedupParams) else DedupParams.model_validate(params)
         self._shard = _Shard(self.params)
         self._shard.seed(_source(existing), snapshot)
-        self._next = RUN_SEQ
+        self._next = max(RUN_SEQ, self._shard.next_seq())
 
     def size(self) -> int:
         return self._shard.size()
@@ -1148,6 +1158,7 @@ class IndexActor(SeededActor):
                           .remote(self._params.model_dump(), k, count) for k in range(count)]
                 await asyncio.gather(*(s.seed.remote(source, path) for s, path in zip(shards, paths)))   # each reads the store
                 self._shards = shards
+                self._next = max(RUN_SEQ, *await asyncio.gather(*(s.next_seq.remote() for s in shards)))
         except Exception as exc:   # a bad stored signature: every check reports it, none waits forever
             self._error = f"{type(exc).__name__}: {exc}"
             raise
@@ -1169,16 +1180,17 @@ class IndexActor(SeededActor):
             self._next += len(q)
             return verdicts
 
-    async def save(self) -> int:
-        """Save every shard where ``seed`` was told (the run's last call); returns how many were saved."""
+    async def save(self, run_id: str = "") -> int:
+        """Save every shard where ``seed`` was told (the run's last call), this run's rows as ``run_id``
+        commits them; returns how many were saved."""
         await self._ready()
         async with self._turn:
             if not self._snapshots:
                 return 0
             if self._index is not None:
-                await asyncio.to_thread(self._index._shard.save, self._snapshots[0])
+                await asyncio.to_thread(self._index._shard.save, self._snapshots[0], run_id)
             else:
-                await asyncio.gather(*(s.save.remote(path) for s, path in zip(self._shards, self._snapshots)))
+                await asyncio.gather(*(s.save.remote(path, run_id) for s, path in zip(self._shards, self._snapshots)))
             return len(self._snapshots)
 
 
@@ -1299,7 +1311,7 @@ class Dedup(Stage):
         name = index_name(scope.run_id)
         try:
             if not failed and name in _ACTORS:
-                ray.get(_ACTORS[name].save.remote())
+                ray.get(_ACTORS[name].save.remote(scope.run_id))
         except Exception as exc:   # a cache: the next run seeds from the store instead
             print(f"mmpipe: warning: the dedup index was not saved for the next run: {exc}", file=sys.stderr)
         finally:

@@ -506,6 +506,36 @@ def test_a_refresh_keyed_by_version_parses_only_the_rows_written_since(tmp_path,
     assert restored.check(probes) == fresh.check(probes) == [None, None, "r3", "r11"]
 
 
+def test_a_run_saves_its_own_rows_under_the_run_id_its_commit_stores(tmp_path, monkeypatch):
+    """A shard saved with the run's id keeps the rows the run registered, keyed as its commit
+    stores them: the next run parses none of those, drops the one the commit did not store, and
+    answers as an index seeded from the store."""
+    import pyarrow as pa
+
+    p = DedupParams()
+    sigs = {k: signature_of(f"r{k}", {"image": None, "text": paragraph(k), "audio": None}, p) for k in range(10)}
+
+    def store_of(rows: list[tuple[int, str]]) -> StoredSignatures:
+        table = pa.table({"id": [f"r{k}" for k, _ in rows], "run_id": [r for _, r in rows],
+                          "dedup_sig": [sigs[k].to_json() for k, _ in rows]})
+        return StoredSignatures(lambda columns: table.select(columns).to_batches(max_chunksize=4), version="run_id")
+
+    snapshot = str(tmp_path / "shard-0-of-1")
+    index = DedupIndex(p, store_of([(k, "run-a") for k in range(6)]), snapshot)
+    assert index.check([sigs[k] for k in range(6, 10)]) == [None] * 4   # run-b registers r6..r9
+    index._shard.save(snapshot, "run-b")
+    after = store_of([(k, "run-a") for k in range(6)] + [(k, "run-b") for k in (6, 7, 8)])   # r9: rejected later
+    parsed = []
+    parse = dedup._Block.parse
+    monkeypatch.setattr(dedup._Block, "parse", classmethod(lambda cls, ids, texts, n: parsed.extend(ids) or parse(ids, texts, n)))
+    restored = DedupIndex(p, after, snapshot)
+    assert parsed == []
+    fresh = DedupIndex(p, after)
+    assert restored.size() == fresh.size() == 9
+    probes = [signature_of(f"copy-{k}", {"image": None, "text": paragraph(k), "audio": None}, p) for k in (7, 9)]
+    assert restored.check(probes) == fresh.check(probes) == ["r7", None]
+
+
 # -- through a real Ray actor (kept last: Ray stays up for the rest of the module) ----------
 @pytest.fixture(scope="module")
 def ray_local():
