@@ -212,9 +212,9 @@ class Store:
         or ``id<TAB>aug`` for features) is in ``delete``. A stored file holding such rows is
         rewritten without them, a row group at a time, or, unless ``vectors_from`` is None, in a
         table with deletion vectors (one that has them, or holds at least ``vectors_from`` rows: it
-        gains them), gets a vector marking them while they are at most DV_MAX_SHARE of its rows. Returns the new version, or
-        None when there was nothing to do. The driver holds file lists, keys and the vectors' row
-        positions, never rows."""
+        gains them in a commit of its own), gets a vector marking them while they are at most
+        DV_MAX_SHARE of its rows. Returns the new version, or None when there was nothing to do.
+        The driver holds file lists, keys and the vectors' row positions, never rows."""
         from deltalake import Schema as DeltaSchema
         from deltalake.transaction import RemoveAction, create_table_with_add_actions
 

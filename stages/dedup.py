@@ -1085,15 +1085,33 @@ _LOCAL: dict[str, DedupIndex] = {}
 _ACTORS: dict[str, Any] = {}
 
 
-def shard_count(p: DedupParams, source: StoredSignatures) -> int:
+def shard_count(p: DedupParams, source: StoredSignatures, saved: int | None = None) -> int:
     """``shards`` when set, else one shard per ``rows_per_shard`` rows (stored and incoming); one, in
     this process, without Ray. Not capped by the cluster's CPUs: the shards are 0-CPU actors, and
-    their count is what keeps each one's memory bounded as the store grows."""
+    their count is what keeps each one's memory bounded as the store grows. The count of the shards
+    an earlier run ``saved`` is kept while each holds at most twice ``rows_per_shard`` (and there
+    are at most twice as many as needed): a saved shard is of use only to a run with the same count."""
     if p.shards:
         return p.shards
     if not ray.is_initialized():
         return 1
-    return max(1, math.ceil((source.count() + source.incoming) / p.rows_per_shard))
+    rows = source.count() + source.incoming
+    needed = max(1, math.ceil(rows / p.rows_per_shard))
+    if saved and math.ceil(rows / (2 * p.rows_per_shard)) <= saved <= 2 * needed:
+        return saved
+    return needed
+
+
+def saved_count(folder: str) -> int | None:
+    """The shard count of the latest complete set of shards an earlier run saved in ``folder``."""
+    sets: dict[int, list[float]] = {}
+    for name in os.listdir(folder) if folder and os.path.isdir(folder) else ():
+        match = re.fullmatch(r"shard-(\d+)-of-(\d+)", name)
+        outline = os.path.join(folder, name, "outline.json")
+        if match and os.path.isfile(outline):
+            sets.setdefault(int(match[2]), []).append(os.path.getmtime(outline))
+    complete = {count: max(times) for count, times in sets.items() if len(times) == count}
+    return max(complete, key=complete.get) if complete else None
 
 
 class SeededActor:
@@ -1146,7 +1164,7 @@ class IndexActor(SeededActor):
         brought up to date, when they are there)."""
         try:
             source = _source(existing)
-            count = shard_count(self._params, source)
+            count = shard_count(self._params, source, saved_count(snapshots))
             if snapshots:
                 self._snapshots = [os.path.join(snapshots, f"shard-{k}-of-{count}") for k in range(count)]
             paths = self._snapshots or [""] * count

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -608,6 +609,22 @@ def test_shards_follow_the_stored_rows(monkeypatch):
     assert dedup.shard_count(DedupParams(rows_per_shard=2), source) == 3
     assert dedup.shard_count(DedupParams(), source) == 1
     assert dedup.shard_count(DedupParams(shards=5), source) == 5
+    # a saved layout is kept while its shards hold at most twice rows_per_shard each
+    assert [dedup.shard_count(DedupParams(rows_per_shard=2), source, saved) for saved in (1, 2, 4, 6, 7)] == [3, 2, 4, 6, 3]
+
+
+def test_the_saved_shard_count_is_the_latest_complete_set(tmp_path):
+    def save(name: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "outline.json").write_text("{}")
+        time.sleep(0.01)
+
+    assert dedup.saved_count(str(tmp_path)) is None and dedup.saved_count("") is None
+    save("shard-0-of-1")
+    save("shard-0-of-2")   # the other of 2 missing: incomplete
+    assert dedup.saved_count(str(tmp_path)) == 1
+    save("shard-1-of-2")
+    assert dedup.saved_count(str(tmp_path)) == 2
 
 
 def test_a_sharded_index_seeds_itself_and_follows_the_rules(ray_local):
