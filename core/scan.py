@@ -105,10 +105,14 @@ def _fs_path(uri: str) -> str:
 def ray_read(scan: TableScan, columns: list[str], block_bytes: int, **read_args):
     """The snapshot as a Ray Dataset: one read task per ``block_bytes`` of stored row groups (never
     across files), each applying its file's deletion vector. Ray's ``read_delta`` goes through
-    ``to_pyarrow_dataset``, which refuses tables with deletion vectors."""
+    ``to_pyarrow_dataset``, which refuses tables with deletion vectors. As many output blocks as
+    read tasks: Ray would otherwise split the blocks, and a split read does not fuse with the map
+    after it."""
     import ray.data
 
-    return ray.data.read_datasource(_datasource(scan, columns, block_bytes), **read_args)
+    chunks = _chunks(scan, block_bytes)
+    return ray.data.read_datasource(_datasource(scan, chunks, columns), override_num_blocks=max(1, len(chunks)),
+                                    **read_args)
 
 
 def _chunks(scan: TableScan, block_bytes: int) -> list[tuple[StoredFile, list[int], int, int]]:
@@ -144,7 +148,7 @@ def _read_chunk(fs: pafs.FileSystem, schema: pa.Schema, columns: list[str], f: S
     return [table if keep is None else table.filter(pa.array(keep))]
 
 
-def _datasource(scan: TableScan, columns: list[str], block_bytes: int):
+def _datasource(scan: TableScan, chunks: list[tuple[StoredFile, list[int], int, int]], columns: list[str]):
     """A Ray ``Datasource`` of the snapshot's chunks (the class is made here: importing Ray Data
     is seconds, and the store's other readers never need it)."""
     from ray.data.block import BlockMetadata
@@ -152,7 +156,6 @@ def _datasource(scan: TableScan, columns: list[str], block_bytes: int):
 
     fs, schema = scan.fs, scan.schema
     out_schema = pa.schema([schema.field(c) for c in columns])
-    chunks = _chunks(scan, block_bytes)
 
     class DeltaSnapshot(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:

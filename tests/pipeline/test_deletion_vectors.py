@@ -130,9 +130,12 @@ def test_training_and_ray_readers_skip_deleted_rows(tmp_path, small_files, ray_s
     snap = open_snapshot(tmp_path / "s")
     read = [i for b in snap.batches(["id"], pc.field("split") == "train") for i in b.column(0).to_pylist()]
     assert sorted(read) == [i for i in live if int(i[1:]) % 3]   # the filter's column is not among those read
-    rows = ray_read(snap.dataset(), ["id", "text_emb"], block_bytes=1).take_all()
+    ds = ray_read(snap.dataset(), ["id", "text_emb"], block_bytes=1).map_batches(
+        lambda t: t, batch_format="pyarrow", batch_size=None).materialize()
+    rows = ds.take_all()
     assert sorted(r["id"] for r in rows) == live
     assert all(r["text_emb"][0] == float(r["id"][1:]) for r in rows), "rows and their columns stay aligned"
+    assert "ReadDeltaSnapshot->MapBatches" in ds.stats(), "the read is not split: the map fuses into it"
 
 
 def test_vector_bytes_read_back_by_deltalake(tmp_path, monkeypatch):
